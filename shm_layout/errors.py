@@ -1,0 +1,44 @@
+"""The one base exception of asirt, and the layout's own errors.
+
+It lives here, at the bottom of the dependency stack, so that ``shm_layout`` can raise
+errors the CLI catches without importing ``asirt``; ``asirt.errors`` re-exports it.
+Every subclass keeps its constructor arguments in ``args`` so it pickles (a worker can
+report one to the parent) and builds its message from its fields.
+"""
+from __future__ import annotations
+
+
+class AsirtError(Exception):
+    """Base of every error asirt raises on purpose. ``exit_code`` is the CLI's status."""
+
+    exit_code = 2  # bad input, unless a subclass says otherwise
+
+    def __str__(self) -> str:  # subclasses override message()
+        return self.message()
+
+    def message(self) -> str:
+        return " ".join(str(a) for a in self.args)
+
+
+class LayoutMismatch(AsirtError):
+    """An attach found a segment whose header does not match what this build expects."""
+
+    def __init__(self, segment: str, what: str, expected: object, found: object) -> None:
+        super().__init__(segment, what, expected, found)
+        self.segment, self.what, self.expected, self.found = segment, what, expected, found
+
+    def message(self) -> str:
+        return (f"shared-memory segment {self.segment!r}: {self.what} mismatch "
+                f"(expected {self.expected!r}, found {self.found!r}); it was not made by this "
+                f"asirt build for this user. Run 'asirt cleanup' to reclaim stale segments, "
+                f"or pass the name of a segment created by a live asirt run")
+
+
+class SegmentMissing(AsirtError):
+    def __init__(self, segment: str) -> None:
+        super().__init__(segment)
+        self.segment = segment
+
+    def message(self) -> str:
+        return (f"shared-memory segment {self.segment!r} does not exist; "
+                f"it may have been unlinked by its creator (list them with 'ls /dev/shm')")
