@@ -1,0 +1,1 @@
+from asirt.errors import AsirtError
