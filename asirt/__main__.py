@@ -1,0 +1,5 @@
+import sys
+
+from asirt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""`asirt bench`: which runs a scenario is made of, running them, and showing progress.
+
+Each scenario turns a topology and options into a list of entries; each entry is one
+orchestrator run (fresh region, fresh pinned workers) whose merged histograms become an
+:class:`asirt.results.Entry`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from asirt import histogram, orchestrator
+from asirt.cfloor import CFloor
+from asirt.errors import AsirtError, BadInput, FeatureMissing
+from asirt.orchestrator import RunSpec, WorkerSpec
+from asirt.results import Entry
+from asirt.topology import Topology
+from workers.pingpong import TRANSPORTS
+
+SCENARIOS = ("pingpong",)
+DEFAULT_SCENARIO = "pingpong"
+
+
+def parse_choices(text: str, valid: Sequence[str], option: str) -> list[str]:
+    """``"spin,sem"`` -> ["spin", "sem"], refusing anything not in ``valid``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in valid]
+    if bad or not items:
+        raise BadInput(f"{option} {text!r}", f"unknown value {bad[0]!r}" if bad else "is empty",
+                       f"choose from {', '.join(valid)} (comma-separated)")
+    return list(dict.fromkeys(items))
+
+
+class ProgressLine:
+    """One status line on stderr, rewritten in place on a terminal, one line per entry otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr, quiet: bool = False) -> None:
+        self.total, self.stream, self.quiet = total, stream, quiet
+        self.tty = stream.isatty()
+        self.index, self.label, self._last = 0, "", 0.0
+
+    def start(self, label: str) -> None:
+        self.index += 1
+        self.label = label
+        if not self.quiet and not self.tty:
+            print(f"[{self.index}/{self.total}] {label} ...", file=self.stream, flush=True)
+
+    def update(self, fraction: float, slots: np.ndarray) -> None:
+        now = time.monotonic()
+        if self.quiet or not self.tty or now - self._last < 0.2:
+            return
+        self._last = now
+        samples = int(slots["samples"].sum())
+        print(f"\r[{self.index}/{self.total}] {self.label}  {fraction:4.0%}  "
+              f"{samples:,} samples\033[K", end="", file=self.stream, flush=True)
+
+    def done(self, summary: str) -> None:
+        if self.quiet:
+            return
+        prefix = "\r" if self.tty else ""
+        end = "\033[K\n" if self.tty else "\n"
+        print(f"{prefix}[{self.index}/{self.total}] {self.label}  {summary}", end=end,
+              file=self.stream, flush=True)
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: int
+    b: int
+    kind: str   # "siblings" (or emulated siblings) or "cross-core"
+
+
+def pingpong_pairs(topo: Topology) -> list[Pair]:
+    """Every sibling pair, plus one pair on different cores for contrast where there is one."""
+    pairs = [Pair(a, b, "siblings") for a, b in topo.sibling_pairs()]
+    cores = [c for c in topo.usable_cores if c]
+    if len(cores) >= 2:
+        pairs.append(Pair(cores[0][0], cores[1][0], "cross-core"))
+    if not pairs:
+        raise BadInput("--cpus", f"the selected CPUs {list(topo.allowed_cpus)} form no pair",
+                       "select at least two CPUs")
+    return pairs
+
+
+def _summary_text(counts: np.ndarray) -> str:
+    s = histogram.summarize(counts)
+    if not s.count:
+        return "no samples"
+    return f"p50 {s.p50} ns  p99 {s.p99} ns  ({s.count:,} samples)"
+
+
+def run_pingpong(topo: Topology, transports: Sequence[str], duration_s: float,
+                 progress: ProgressLine | None = None, floor: bool = True) -> Iterator[Entry]:
+    """Yield the floor entry (when a compiler exists) and one entry per transport, per pair."""
+    pairs = pingpong_pairs(topo)
+    over = orchestrator.oversubscribed(2)
+    cfloor: CFloor | None = None
+    floor_note = "skipped (--no-floor)"
+    if floor:
+        try:
+            cfloor, floor_note = CFloor(), ""
+        except FeatureMissing as err:
+            floor_note = str(err)
+    try:
+        for pair in pairs:
+            base = {"pair": pair.kind, "emulated": topo.emulated}
+            floor_p50 = None
+            if cfloor is not None:
+                if progress:
+                    progress.start(f"c-floor cpus {pair.a},{pair.b}")
+                f = cfloor.measure(pair.a, pair.b, duration_s)
+                floor_p50 = histogram.summarize(f.counts).p50
+                e = Entry("pingpong", "-", "c-floor", [pair.a, pair.b], duration_s,
+                          hists={"roundtrip": f.counts}, extra={**base, "compiler": f.compiler})
+                if progress:
+                    progress.done(_summary_text(f.counts))
+                yield e
+            for t in transports:
+                label = f"{t} cpus {pair.a},{pair.b}"
+                if progress:
+                    progress.start(label)
+                common = {"transport": t, "oversubscribed": over}
+                spec = RunSpec(
+                    workers=[WorkerSpec(pair.a, "pingpong", {**common, "side": "ping", "peer": 1}),
+                             WorkerSpec(pair.b, "pingpong", {**common, "side": "pong", "peer": 0})],
+                    metrics=["roundtrip"], duration_s=duration_s, cores=[[0, 1]],
+                    emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0)
+                out = orchestrator.run(spec, progress.update if progress else None)
+                counts = out.merged(0)
+                extra = dict(base)
+                p50 = histogram.summarize(counts).p50
+                if floor_p50:
+                    extra["floor"] = {"transport": "c-floor", "p50_ns": floor_p50,
+                                      "ratio_p50": None if p50 is None else round(p50 / floor_p50, 3)}
+                elif floor_note:
+                    extra["floor"] = {"skipped": floor_note}
+                e = Entry("pingpong", "-", t, [pair.a, pair.b], out.elapsed_s,
+                          hists={"roundtrip": counts},
+                          counters={"samples": int(out.slots["samples"][0])},
+                          failures=[str(f) for f in out.failures], extra=extra)
+                if progress:
+                    progress.done(_summary_text(counts) if not out.failures else
+                                  "FAILED: " + "; ".join(e.failures))
+                yield e
+    finally:
+        if cfloor is not None:
+            cfloor.close()
+
+
+def check_duration(duration: float) -> float:
+    if not duration > 0 or duration != duration or duration == float("inf"):
+        raise BadInput(f"--duration {duration}", "must be a positive, finite number of seconds",
+                       "for example --duration 2")
+    return duration
+
+
+__all__ = ["SCENARIOS", "DEFAULT_SCENARIO", "TRANSPORTS", "parse_choices", "ProgressLine",
+           "pingpong_pairs", "run_pingpong", "check_duration", "AsirtError"]

@@ -1,0 +1,168 @@
+"""The hardware floor: a C cache-line ping-pong between the same two CPUs.
+
+Compiled at run time into a temporary directory with the system C compiler, it does exactly
+what the ``spin`` transport does (one writer per cache line, the target polls, the requester
+times each round trip with CLOCK_MONOTONIC) without the interpreter, and buckets its samples
+with the same log-linear scheme, so every transport can be reported as a ratio to it.
+Where there is no compiler the floor is skipped with a note, never guessed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+
+from asirt import histogram
+from asirt.errors import FeatureMissing
+
+C_SOURCE = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* One writer per 128-byte block, like the region's slots. */
+static struct { volatile int64_t v; char pad[120]; } ping __attribute__((aligned(128))),
+                                                     pong __attribute__((aligned(128)));
+static volatile int stop_flag;
+static int64_t counts[NBUCKETS];
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int bucket(int64_t v) {   /* mirrors asirt.histogram.bucket_index */
+    if (v < 0) v = 0;
+    if (v < (2 << SUB_BITS)) return (int)v;
+    int shift = (64 - __builtin_clzll((uint64_t)v)) - (SUB_BITS + 1);
+    int64_t idx = (int64_t)shift * (1 << SUB_BITS) + (v >> shift);
+    return idx >= NBUCKETS ? NBUCKETS - 1 : (int)idx;
+}
+
+static int pin(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
+static void *target(void *arg) {
+    if (pin(*(int *)arg)) { perror("pin target"); exit(4); }
+    int64_t last = 0;
+    long idle = 0;
+    while (!stop_flag) {
+        int64_t v = __atomic_load_n(&ping.v, __ATOMIC_ACQUIRE);
+        if (v != last) {
+            __atomic_store_n(&pong.v, v, __ATOMIC_RELEASE);
+            last = v;
+            idle = 0;
+        } else if (++idle > SPIN_LIMIT) {
+            sched_yield();   /* spin-then-yield, as the Python transports do */
+        }
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "--selftest") == 0) {   /* print bucket(v) for stdin values */
+        long long v;
+        while (scanf("%lld", &v) == 1) printf("%d\n", bucket(v));
+        return 0;
+    }
+    if (argc != 5) { fprintf(stderr, "usage: %s CPU_A CPU_B DURATION_NS OUT\n", argv[0]); return 2; }
+    int a = atoi(argv[1]), b = atoi(argv[2]);
+    int64_t duration = atoll(argv[3]);
+    pthread_t t;
+    if (pin(a)) { perror("pin requester"); return 4; }
+    if (pthread_create(&t, NULL, target, &b)) { perror("pthread_create"); return 3; }
+    int64_t end = now_ns() + duration, k = 0;
+    while (1) {
+        ++k;
+        int64_t t0 = now_ns();
+        __atomic_store_n(&ping.v, k, __ATOMIC_RELEASE);
+        long spins = 0;
+        while (__atomic_load_n(&pong.v, __ATOMIC_ACQUIRE) != k)
+            if (++spins > SPIN_LIMIT) sched_yield();
+        int64_t t1 = now_ns();
+        counts[bucket(t1 - t0)]++;
+        if (t1 >= end) break;
+    }
+    stop_flag = 1;
+    pthread_join(t, NULL);
+    FILE *f = fopen(argv[4], "wb");
+    if (!f || fwrite(counts, sizeof counts, 1, f) != 1) { perror(argv[4]); return 5; }
+    fclose(f);
+    return 0;
+}
+"""
+
+
+class Floor(NamedTuple):
+    counts: np.ndarray   # histogram of round trips, asirt.histogram layout
+    compiler: str
+
+
+def compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+class CFloor:
+    """A compiled floor program in a temporary directory; use as a context manager."""
+
+    def __init__(self) -> None:
+        cc = compiler()
+        if cc is None:
+            raise FeatureMissing("a C compiler", "no cc, gcc or clang on PATH",
+                                 "install one (apt-get install gcc) to measure the hardware floor")
+        self.cc = cc
+        self._dir = tempfile.TemporaryDirectory(prefix="asirt-floor-")
+        src = os.path.join(self._dir.name, "floor.c")
+        self.exe = os.path.join(self._dir.name, "floor")
+        with open(src, "w") as f:
+            f.write(C_SOURCE)
+        cmd = [cc, "-O2", "-pthread", f"-DSUB_BITS={histogram.SUB_BITS}",
+               f"-DNBUCKETS={histogram.NBUCKETS}", "-DSPIN_LIMIT=(1L<<20)", src, "-o", self.exe]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            self.close()
+            raise FeatureMissing("a working C compiler", f"{cc} failed: {res.stderr.strip()[:500]}",
+                                 "check the compiler installation")
+
+    def measure(self, cpu_a: int, cpu_b: int, duration_s: float) -> Floor:
+        out = os.path.join(self._dir.name, f"hist-{cpu_a}-{cpu_b}.bin")
+        res = subprocess.run([self.exe, str(cpu_a), str(cpu_b), str(int(duration_s * 1e9)), out],
+                             capture_output=True, text=True, timeout=duration_s + 60)
+        if res.returncode != 0:
+            raise FeatureMissing("the C floor program", res.stderr.strip()[:500] or
+                                 f"exit status {res.returncode}", "see the message above")
+        counts = np.fromfile(out, dtype="<i8")
+        assert counts.shape == (histogram.NBUCKETS,), counts.shape
+        return Floor(counts, self.cc)
+
+    def bucket(self, values: list[int]) -> list[int]:
+        """The C program's bucket index of each value (tests compare it with Python's)."""
+        res = subprocess.run([self.exe, "--selftest"], input="\n".join(map(str, values)),
+                             capture_output=True, text=True, timeout=60, check=True)
+        return [int(x) for x in res.stdout.split()]
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self) -> "CFloor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,196 @@
+"""The ``asirt`` command line. Errors are caught once, here: 0 ok, 1 a check failed, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import signal
+import sys
+from typing import Any, Sequence
+
+from asirt import bench, results
+from asirt.errors import AsirtError, BadInput
+from asirt.system import read_system
+from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
+from shm_layout import list_leftovers, reclaim
+
+EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors are bad input too: exit 2
+        self.print_usage(sys.stderr)
+        print(f"asirt: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    try:
+        return bench.check_duration(value)
+    except BadInput as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="asirt", description="Measure SMT sibling synchronization "
+                   "(ASI, sibling stun, core scheduling) with pinned processes over shared memory.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_ArgParser)
+
+    t = sub.add_parser("topology", help="cores, siblings, SMT state and measurement warnings")
+    t.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+                   help="read this tree instead of /sys (DIR plays the role of /sys)")
+    t.add_argument("--topology", default="auto", metavar="auto|emulated[:K]",
+                   help="sibling grouping to show (default auto)")
+    t.add_argument("--json", action="store_true", help="print JSON")
+
+    b = sub.add_parser("bench", help="run a benchmark scenario and write a run directory")
+    b.add_argument("scenario", nargs="?", default=bench.DEFAULT_SCENARIO,
+                   help=f"one of {', '.join(bench.SCENARIOS)} (default {bench.DEFAULT_SCENARIO})")
+    b.add_argument("--transport", default=",".join(bench.TRANSPORTS),
+                   help=f"comma-separated subset of {','.join(bench.TRANSPORTS)} (default all)")
+    b.add_argument("--cpus", metavar="LIST", help="CPUs to use, e.g. 0-3,8 (default all allowed)")
+    b.add_argument("--duration", type=_duration, default=2.0, metavar="SECONDS",
+                   help="measuring time of each entry (default 2)")
+    b.add_argument("--topology", default="auto", metavar="auto|emulated[:K]",
+                   help="real siblings, or an emulated grouping of K CPUs per pseudo-core")
+    b.add_argument("--out", default="runs", metavar="DIR",
+                   help="parent directory of the run directory (default ./runs)")
+    b.add_argument("--no-floor", action="store_true",
+                   help="skip the C cache-line ping-pong that measures the hardware floor")
+    b.add_argument("--json", action="store_true", help="print result.json to stdout")
+    b.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    r = sub.add_parser("report", help="print the table of a run directory")
+    r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
+    c.add_argument("--all", action="store_true",
+                   help="also those whose creator still runs (only when no asirt run is active)")
+    return p
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    topo = select_topology(read_topology(args.sysfs_root), args.topology)
+    system = read_system(args.sysfs_root, topo.allowed_cpus)
+    if args.json:
+        print(json.dumps({**topo.to_json(), "system": system.to_json()}, indent=2))
+    else:
+        print(format_topology(topo, system))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario not in bench.SCENARIOS:
+        raise BadInput(f"scenario {args.scenario!r}", "is not one asirt knows",
+                       f"choose from {', '.join(bench.SCENARIOS)}")
+    transports = bench.parse_choices(args.transport, bench.TRANSPORTS, "--transport")
+    topo = read_topology()
+    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
+    topo = select_topology(topo, args.topology, cpus)
+    system = read_system(cpus=topo.allowed_cpus)
+    from asirt.clock import calibrate
+    clock = calibrate()
+    run_id = results.new_run_id(args.scenario)
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    config: dict[str, Any] = {
+        "scenario": args.scenario, "transports": transports, "duration_s": args.duration,
+        "topology": args.topology, "cpus": list(topo.allowed_cpus), "clock": clock._asdict(),
+        "floor": not args.no_floor,
+    }
+    if topo.emulated and not args.quiet:
+        print("WARNING: no core has two usable SMT siblings; using an EMULATED sibling grouping "
+              f"{[list(c) for c in topo.usable_cores]} (distinct cores, not hyperthreads)",
+              file=sys.stderr)
+    pairs = bench.pingpong_pairs(topo)
+    nfloor = 1 if _has_compiler() and not args.no_floor else 0
+    progress = bench.ProgressLine(len(pairs) * (len(transports) + nfloor), quiet=args.quiet)
+    entries: list[results.Entry] = []
+    interrupted = False
+    try:
+        for entry in bench.run_pingpong(topo, transports, args.duration, progress,
+                                        floor=not args.no_floor):
+            entries.append(entry)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing the entries that completed", file=sys.stderr)
+    result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
+                                  entries, interrupted)
+    run_dir = results.write_run(args.out, result, entries)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(results.format_table(result["scenarios"]))
+        for line in system.warnings:
+            print(f"WARNING: {line}")
+        print(f"run directory: {run_dir}")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    failed = [f for e in entries for f in e.failures]
+    if failed:
+        print(f"asirt: {len(failed)} worker failure(s): " + "; ".join(failed), file=sys.stderr)
+        return EXIT_CHECK
+    return EXIT_OK
+
+
+def _has_compiler() -> bool:
+    from asirt.cfloor import compiler
+    return compiler() is not None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    result = results.load_result(args.run_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"run {result['run_id']} started {result['started_at']} on "
+              f"{result['host']['hostname']} ({result['host']['cpu_model']})")
+        if result["topology"].get("emulated"):
+            print("topology: EMULATED sibling grouping")
+        print(results.format_table(result["scenarios"]))
+    return EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    before = list_leftovers()
+    done = reclaim(include_alive=args.all)
+    for lo in done:
+        print(f"unlinked {lo.kind} {lo.ipc_name} (creator pid {lo.creator_pid}"
+              f"{'' if lo.alive else ', dead'})")
+    kept = [lo for lo in before if lo not in done]
+    for lo in kept:
+        print(f"kept {lo.kind} {lo.ipc_name}: its creator (pid {lo.creator_pid}) still runs")
+    if not before:
+        print("nothing to clean up")
+    return EXIT_OK
+
+
+COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "report": cmd_report,
+            "cleanup": cmd_cleanup}
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same cleanup path as Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except AsirtError as err:
+        print(f"asirt: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("asirt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

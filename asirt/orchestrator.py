@@ -1,0 +1,268 @@
+"""Spawn pinned workers over one region, release them together, supervise, stop, collect.
+
+Parent owns, children attach: the orchestrator creates the region and every semaphore and
+is the only one that unlinks them, on every exit path (normal end, exception, Ctrl-C or
+SIGTERM, a worker that crashes or is killed). Each child runs inside a kill-and-reap guard.
+A worker that dies is reported by CPU and exit status; what the others recorded is kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import psutil
+
+from asirt.errors import AsirtError, WorkerFailed
+from shm_layout import Region, RegionState, Section, WorkerState, reclaim
+from shm_layout.header import START_NS_WORD, STOP_WORD
+from shm_layout.sections import MAX_SIBLINGS
+
+STARTUP_TIMEOUT_S = 60.0   # python start + numpy import on a loaded 2-CPU machine
+STOP_GRACE_S = 5.0         # after stop: how long a worker may take to notice and record
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    cpu: int
+    role: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: workers (slot i = workers[i]), the metrics each records, how long."""
+    workers: Sequence[WorkerSpec]
+    metrics: Sequence[str]
+    duration_s: float
+    cores: Sequence[Sequence[int]] = ()          # slot indices per (pseudo-)core
+    emulated: bool = False
+    l1d_bytes: int = 0
+    extra_sections: Sequence[Section] = ()
+    init: Callable[[Region], None] | None = None  # parent-side setup before workers start
+    #: stop early once every worker whose role is listed here is DONE
+    finish_when_done: Sequence[str] = ()
+
+
+@dataclass
+class RunOutcome:
+    hists: np.ndarray            # (nworkers, nmetrics, HIST_BUCKETS) int64 counts, copied out
+    slots: np.ndarray            # copy of the slots section at the end
+    failures: list[WorkerFailed]
+    elapsed_s: float
+    interrupted: bool = False
+
+    def merged(self, metric_index: int, workers: Sequence[int] | None = None) -> np.ndarray:
+        rows = self.hists[:, metric_index] if workers is None else self.hists[list(workers), metric_index]
+        return rows.sum(axis=0)
+
+
+Progress = Callable[[float, np.ndarray], None]   # (fraction done, slots view)
+
+
+class _Children:
+    """The kill-and-reap guard: every child spawned is killed and reaped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen:
+        log = tempfile.TemporaryFile()
+        self.logs.append(log)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                close_fds=True)
+        self.procs.append(proc)
+        return proc
+
+    def stderr_tail(self, i: int, lines: int = 3) -> str:
+        log = self.logs[i]
+        log.seek(0)
+        text = log.read().decode(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a SIGKILLed child in D state
+                pass
+
+    def close(self) -> None:
+        self.kill_all()
+        for log in self.logs:
+            log.close()
+
+
+def _sections(spec: RunSpec) -> list[Section]:
+    n, m = len(spec.workers), len(spec.metrics)
+    return [Section("slots", n), Section("cores", max(len(spec.cores), 1)),
+            Section("metrics", m), Section("hist", n * m), *spec.extra_sections]
+
+
+def _fill(region: Region, spec: RunSpec) -> None:
+    slots = region.array("slots")
+    for i, ws in enumerate(spec.workers):
+        slots[i]["cpu"] = ws.cpu
+    cores = region.array("cores")
+    for i, core in enumerate(spec.cores):
+        if len(core) > MAX_SIBLINGS:
+            raise AsirtError(f"core {i} has {len(core)} siblings; at most {MAX_SIBLINGS} fit")
+        cores[i]["core"] = i
+        cores[i]["nsiblings"] = len(core)
+        cores[i]["cpus"] = list(core) + [-1] * (MAX_SIBLINGS - len(core))
+        cores[i]["emulated"] = int(spec.emulated)
+        cores[i]["l1d_bytes"] = spec.l1d_bytes
+    metrics = region.array("metrics")
+    for i, name in enumerate(spec.metrics):
+        metrics[i]["name"] = name.encode()
+        metrics[i]["unit"] = b"ns"
+
+
+def _worker_argv(region: Region, slot: int, ws: WorkerSpec) -> list[str]:
+    return [sys.executable, "-m", "workers", "--cpu", str(ws.cpu), "--slot", str(slot),
+            "--region", region.name, "--role", ws.role, "--params", json.dumps(ws.params)]
+
+
+def _describe_exit(proc: subprocess.Popen) -> str:
+    rc = proc.returncode
+    if rc is not None and rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
+    """Run the workers of ``spec`` for ``spec.duration_s`` seconds and collect their histograms."""
+    if spec.duration_s <= 0:
+        raise AsirtError(f"duration must be positive, got {spec.duration_s}")
+    reclaim()  # segments and semaphores of earlier runs whose creator died
+    children = _Children()
+    region = Region.create(_sections(spec))
+    failures: list[WorkerFailed] = []
+    reported: set[int] = set()
+    interrupted = False
+    started = time.monotonic()
+    try:
+        _fill(region, spec)
+        start = region.semaphore("start")
+        for slot in range(len(spec.workers)):
+            region.semaphore(f"wake{slot}")
+        if spec.init is not None:
+            spec.init(region)
+        for slot, ws in enumerate(spec.workers):
+            children.spawn(_worker_argv(region, slot, ws))
+        w = region.words
+        state_words = [region.word_index("slots", i, "state") for i in range(len(spec.workers))]
+
+        def check_children() -> None:
+            for i, proc in enumerate(children.procs):
+                if i in reported:
+                    continue
+                if proc.poll() is not None and (proc.returncode != 0 or
+                                                w[state_words[i]] != WorkerState.DONE):
+                    reported.add(i)
+                    failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
+                                                 children.stderr_tail(i)))
+
+        # Every worker pinned, attached and waiting on the barrier, or one failed.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while any(w[s] != WorkerState.READY for s in state_words):
+            check_children()
+            if failures:
+                raise failures[0]
+            if time.monotonic() > deadline:
+                late = [spec.workers[i].cpu for i, s in enumerate(state_words)
+                        if w[s] != WorkerState.READY]
+                raise AsirtError(f"workers on CPUs {late} did not become ready in "
+                                 f"{STARTUP_TIMEOUT_S:.0f}s (is the machine overloaded?)")
+            time.sleep(0.01)
+
+        region.set_state(RegionState.RUNNING)
+        w[START_NS_WORD] = time.perf_counter_ns()
+        started = time.monotonic()
+        for _ in spec.workers:
+            start.release()
+        end = started + spec.duration_s
+        finishers = [i for i, ws in enumerate(spec.workers) if ws.role in spec.finish_when_done]
+        while True:
+            now = time.monotonic()
+            check_children()
+            if failures or now >= end:
+                break
+            if finishers and all(w[state_words[i]] == WorkerState.DONE for i in finishers):
+                break
+            if progress is not None:
+                progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        elapsed = time.monotonic() - started
+        outcome = None
+        if not region.closed:
+            try:
+                outcome = _stop_and_collect(region, spec, children, failures, reported, elapsed)
+            finally:
+                children.close()
+                region.close()
+                region.unlink()
+    outcome.interrupted = interrupted
+    return outcome
+
+
+def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
+                      failures: list[WorkerFailed], reported: set[int],
+                      elapsed: float) -> RunOutcome:
+    """Ask every worker to stop, give them a grace period, kill the rest, copy results out."""
+    w = region.words
+    w[STOP_WORD] = 1
+    region.set_state(RegionState.STOPPING)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for i, proc in enumerate(children.procs):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            if i not in reported:
+                reported.add(i)
+                failures.append(WorkerFailed(spec.workers[i].cpu, "did not stop",
+                                             _liveness(proc.pid)))
+    children.kill_all()
+    for i, proc in enumerate(children.procs):
+        if i not in reported and proc.returncode != 0:
+            reported.add(i)
+            failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
+                                         children.stderr_tail(i)))
+    hist = region.array("hist").reshape(len(spec.workers), len(spec.metrics), -1).copy()
+    slots = region.array("slots").copy()
+    region.set_state(RegionState.DONE)
+    return RunOutcome(hist, slots, failures, elapsed)
+
+
+def _liveness(pid: int) -> str:
+    try:
+        return f"process {pid} is {psutil.Process(pid).status()}"
+    except psutil.NoSuchProcess:
+        return f"process {pid} has exited"
+
+
+def oversubscribed(nworkers: int) -> bool:
+    """More workers than CPUs this process may use: spin waits must yield early."""
+    return nworkers > len(os.sched_getaffinity(0))

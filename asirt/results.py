@@ -1,0 +1,187 @@
+"""The run directory: result.json, one .hgrm per latency metric, summary.csv, and the table.
+
+A run directory is written into a hidden temporary sibling and renamed into place, so a
+reader never sees a half-written one; an interrupted run still writes what it completed
+(``"interrupted": true``).
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from asirt import histogram
+from asirt.errors import BadInput
+
+SCHEMA_VERSION = 1
+SUMMARY_FIELDS = ("count", "min", "p50", "p90", "p99", "p999", "max", "mean")
+
+
+@dataclass
+class Entry:
+    """One scenario entry: a (scenario, strategy, transport, cpus) combination and its results."""
+    scenario: str
+    strategy: str
+    transport: str
+    cpus: list[int]
+    duration_s: float
+    hists: dict[str, np.ndarray] = field(default_factory=dict)   # metric -> merged counts
+    counters: dict[str, int] = field(default_factory=dict)
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)          # e.g. the floor comparison
+
+    @property
+    def label(self) -> str:
+        parts = [self.scenario, self.strategy, self.transport, "cpu" + "_".join(map(str, self.cpus))]
+        return "-".join(p for p in parts if p != "-")
+
+    def summary(self, metric: str) -> dict[str, Any]:
+        return histogram.to_dict(histogram.summarize(self.hists[metric]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario, "strategy": self.strategy, "transport": self.transport,
+            "cpus": list(self.cpus), "duration_s": round(self.duration_s, 6),
+            "metrics": {m: self.summary(m) for m in self.hists},
+            "counters": {k: int(v) for k, v in self.counters.items()},
+            "leaks": self.leaks, "violations": self.violations, "failures": self.failures,
+            **self.extra,
+        }
+
+
+def host_info() -> dict[str, str]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except FileNotFoundError:
+        pass
+    try:
+        version = metadata.version("asirt")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        version = "unknown"
+    return {"hostname": socket.gethostname(), "kernel": platform.release(), "cpu_model": model,
+            "python": platform.python_version(), "asirt_version": version}
+
+
+def new_run_id(scenario: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{scenario}-{os.getpid()}"
+
+
+def build_result(run_id: str, started_at: str, topology: dict, system: dict, config: dict,
+                 entries: list[Entry], interrupted: bool = False) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "started_at": started_at,
+        "host": host_info(), "topology": topology, "system": system, "config": config,
+        "scenarios": [e.to_json() for e in entries], "interrupted": interrupted,
+    }
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def write_run(out_dir: str, result: dict[str, Any], entries: list[Entry]) -> str:
+    """Write the run directory ``out_dir/<run_id>`` atomically; returns its path."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"--out {out_dir}", f"cannot create it ({err.strerror})",
+                       "pass a writable directory") from err
+    final = os.path.join(out_dir, result["run_id"])
+    if os.path.exists(final):
+        raise BadInput(f"--out {out_dir}", f"{final} already exists", "pass another directory")
+    tmp = os.path.join(out_dir, f".tmp-{result['run_id']}")
+    os.makedirs(tmp)
+    try:
+        for e in entries:
+            for metric, counts in e.hists.items():
+                histogram.write_hgrm(os.path.join(tmp, _safe(f"{e.label}-{metric}.hgrm")), counts)
+        with open(os.path.join(tmp, "summary.csv"), "w", newline="") as f:
+            f.write(summary_csv(entries))
+        with open(os.path.join(tmp, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def summary_csv(entries: list[Entry]) -> str:
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(["scenario", "strategy", "transport", "cpus", "metric", "unit", *SUMMARY_FIELDS])
+    for e in entries:
+        for metric in e.hists:
+            s = e.summary(metric)
+            wr.writerow([e.scenario, e.strategy, e.transport, " ".join(map(str, e.cpus)), metric,
+                         s["unit"], *("" if s[k] is None else s[k] for k in SUMMARY_FIELDS)])
+    return buf.getvalue()
+
+
+def _fmt_ns(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}ms"
+    if v >= 1e4:
+        return f"{v / 1e3:.1f}us"
+    return f"{v:.0f}ns"
+
+
+def format_table(scenarios: list[dict[str, Any]]) -> str:
+    """A fixed-width table of every metric of every entry (from result.json's ``scenarios``)."""
+    head = ["scenario", "strategy", "transport", "cpus", "metric", "count", "p50", "p90", "p99",
+            "p99.9", "max", "x floor"]
+    rows = []
+    for s in scenarios:
+        ratio = s.get("floor", {}).get("ratio_p50")
+        for metric, m in s["metrics"].items():
+            rows.append([s["scenario"], s["strategy"], s["transport"],
+                         ",".join(map(str, s["cpus"])), metric, str(m["count"]),
+                         *(_fmt_ns(m[k]) for k in ("p50", "p90", "p99", "p999", "max")),
+                         "-" if ratio is None or metric != "roundtrip" else f"{ratio:.2f}"])
+        for f in s.get("failures", []):
+            rows.append([s["scenario"], s["strategy"], s["transport"],
+                         ",".join(map(str, s["cpus"])), "FAILED", f, *[""] * 6])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def load_result(run_dir: str) -> dict[str, Any]:
+    path = os.path.join(run_dir, "result.json")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except FileNotFoundError as err:
+        raise BadInput(f"run directory {run_dir}", "has no result.json",
+                       "pass a directory written by 'asirt bench'") from err
+    except json.JSONDecodeError as err:
+        raise BadInput(path, f"is not valid JSON ({err})", "re-run the benchmark") from err
+    if result.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(path, f"schema_version {result.get('schema_version')!r} is not "
+                       f"{SCHEMA_VERSION}", "re-run the benchmark with this asirt version")
+    return result

@@ -1,0 +1,187 @@
+"""The command line as a user runs it: exit codes, run directories, Ctrl-C, kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from asirt.cli import main
+from shm_layout import list_leftovers
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def asirt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asirt", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "--cpus", "0-999"], "--cpus"),
+    (["bench", "--cpus", "1-0"], "--cpus"),
+    (["bench", "--cpus", "zero"], "--cpus"),
+    (["bench", "--duration", "0"], "--duration"),
+    (["bench", "--duration", "-1"], "--duration"),
+    (["bench", "--duration", "nan"], "--duration"),
+    (["bench", "--duration", "soon"], "--duration"),
+    (["bench", "--transport", "carrier-pigeon"], "--transport"),
+    (["bench", "no-such-scenario"], "no-such-scenario"),
+    (["bench", "--topology", "emulated:99"], "--topology"),
+    (["bench", "--topology", "sideways"], "--topology"),
+    (["topology", "--sysfs-root", "/nonexistent"], "/nonexistent"),
+    (["report", "/nonexistent"], "/nonexistent"),
+])
+def test_bad_input_exits_2_and_names_the_input(args, needle, tmp_path, capsys):
+    try:
+        rc = main([*args, "--out", str(tmp_path)] if args[0] == "bench" else args)
+    except SystemExit as exit_:   # argparse's own refusals
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert os.listdir(tmp_path) == []          # nothing half-written
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--no-such-flag"])
+    assert info.value.code == 2
+
+
+def test_topology_json_on_this_host(capsys):
+    assert main(["topology", "--json"]) == 0
+    topo = json.loads(capsys.readouterr().out)
+    for key in ("cores", "smt", "emulated", "allowed_cpus"):
+        assert key in topo
+    assert set(topo["allowed_cpus"]) <= set(os.sched_getaffinity(0))
+
+
+@pytest.mark.multiprocess
+def test_bench_pingpong_writes_a_run_directory(tmp_path):
+    res = asirt("bench", "pingpong", "--duration", "0.3", "--out", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    (run_dir,) = [p for p in tmp_path.iterdir()]
+    assert json.loads((run_dir / "result.json").read_text()) == result
+    assert (run_dir / "summary.csv").read_text().startswith("scenario,strategy,transport")
+    transports = {s["transport"] for s in result["scenarios"]}
+    assert {"spin", "signal", "sem"} <= transports
+    for s in result["scenarios"]:
+        m = s["metrics"]["roundtrip"]
+        assert m["count"] > 0 and m["p50"] <= m["p99"] <= m["max"]
+        assert (run_dir / f"pingpong-{s['transport']}-cpu{'_'.join(map(str, s['cpus']))}"
+                f"-roundtrip.hgrm").exists()
+    for key in ("schema_version", "run_id", "started_at", "host", "topology", "system",
+                "config", "scenarios"):
+        assert key in result
+    if not result["topology"]["smt"]:
+        assert result["topology"]["emulated"] is True
+        assert "EMULATED" in res.stderr
+    assert result["config"]["clock"]["read_overhead_ns"] > 0
+
+
+def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 60) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [c for c in psutil.Process(proc.pid).children()
+                if "workers" in " ".join(c.cmdline())]
+        if len(kids) >= n:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError("workers never started")
+
+
+def _ours(name_prefix: str = "/asirt-") -> list:
+    return [lo for lo in list_leftovers() if lo.creator_pid != os.getpid()]
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_cleans_up_and_keeps_completed_entries(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
+                             "--transport", "spin,sem", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        workers = _wait_for_workers(proc, 2)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    (run_dir,) = list(tmp_path.iterdir())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["interrupted"] is True
+
+
+@pytest.mark.multiprocess
+def test_sigterm_cleans_up(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
+                             "--transport", "spin", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = _wait_for_workers(proc, 2)
+        proc.terminate()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert not psutil.wait_procs(workers, timeout=10)[1]
+    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+
+
+@pytest.mark.multiprocess
+def test_kill_9_of_a_worker_is_reported_by_cpu(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
+                             "--transport", "spin", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = _wait_for_workers(proc, 2)
+        time.sleep(0.5)
+        victim = workers[-1]
+        cpu = victim.cmdline()[victim.cmdline().index("--cpu") + 1]
+        victim.kill()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert f"worker on CPU {cpu} was killed by SIGKILL" in err
+    assert not psutil.wait_procs(workers, timeout=10)[1]
+    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    (run_dir,) = list(tmp_path.iterdir())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert any(s["failures"] for s in result["scenarios"])
+
+
+@pytest.mark.multiprocess
+def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
+                             "--transport", "spin", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers = _wait_for_workers(proc, 2)
+    finally:
+        proc.kill()
+        proc.wait()
+    # PR_SET_PDEATHSIG: the kernel kills the orphans.
+    assert not psutil.wait_procs(workers, timeout=10)[1]
+    left = [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    assert left and not any(lo.alive for lo in left)
+    res = asirt("cleanup")
+    assert res.returncode == 0
+    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]

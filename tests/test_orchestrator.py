@@ -1,0 +1,90 @@
+"""Pinned workers over one region: runs, failures and cleanup on every exit path."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from asirt import histogram, orchestrator
+from asirt.errors import WorkerFailed
+from asirt.orchestrator import RunSpec, WorkerSpec
+from shm_layout import WorkerState
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+
+def pair_spec(transport: str, duration: float = 0.3, role: str = "pingpong") -> RunSpec:
+    cpus = sorted(os.sched_getaffinity(0))
+    a, b = cpus[0], cpus[-1]
+    over = orchestrator.oversubscribed(2) or a == b
+    common = {"transport": transport, "oversubscribed": over}
+    return RunSpec(workers=[WorkerSpec(a, role, {**common, "side": "ping", "peer": 1}),
+                            WorkerSpec(b, role, {**common, "side": "pong", "peer": 0})],
+                   metrics=["roundtrip"], duration_s=duration, cores=[[0, 1]])
+
+
+@pytest.mark.parametrize("transport", ["spin", "signal", "sem"])
+def test_pingpong_records_round_trips(transport):
+    out = orchestrator.run(pair_spec(transport))
+    assert out.failures == []
+    s = histogram.summarize(out.merged(0))
+    assert s.count > 10
+    assert s.count == out.slots["samples"][0]     # every sample recorded is counted
+    assert 0 < s.min <= s.p50 <= s.p99 <= s.max
+    assert list(out.slots["state"]) == [WorkerState.DONE, WorkerState.DONE]
+    assert out.slots["cpu"][0] in os.sched_getaffinity(0)
+
+
+def test_workers_are_pinned_where_asked():
+    out = orchestrator.run(pair_spec("spin", 0.2))
+    pids = out.slots["pid"]
+    assert all(p > 0 for p in pids) and len(set(pids)) == 2
+
+
+def test_unknown_program_fails_at_startup_by_cpu():
+    with pytest.raises(WorkerFailed) as info:
+        orchestrator.run(pair_spec("spin", role="no_such_program"))
+    assert "status 3" in str(info.value)
+    assert "No module named" in info.value.detail
+
+
+def test_killed_worker_is_reported_and_results_kept():
+    spec = pair_spec("spin", duration=30)
+    killed = threading.Event()
+
+    def kill_pong(fraction, slots):
+        if not killed.is_set() and slots["samples"][0] > 0 or fraction > 0.05:
+            if not killed.is_set():
+                os.kill(int(slots["pid"][1]), signal.SIGKILL)
+                killed.set()
+
+    t0 = time.monotonic()
+    out = orchestrator.run(spec, kill_pong)
+    assert killed.is_set()
+    assert time.monotonic() - t0 < 25, "a dead peer must end the run, not be waited for"
+    assert len(out.failures) == 1
+    f = out.failures[0]
+    assert f.cpu == spec.workers[1].cpu and "SIGKILL" in f.status
+    assert out.merged(0).sum() > 0          # the ping side's samples survive
+
+
+def test_stopped_worker_is_killed_and_reported():
+    spec = pair_spec("sem", duration=0.5)
+    stopped = []
+
+    def stop_pong(fraction, slots):
+        if not stopped:
+            os.kill(int(slots["pid"][1]), signal.SIGSTOP)
+            stopped.append(int(slots["pid"][1]))
+
+    out = orchestrator.run(spec, stop_pong)
+    assert stopped
+    assert any(f.cpu == spec.workers[1].cpu and "did not stop" in f.status for f in out.failures)
+
+
+def test_duration_must_be_positive():
+    with pytest.raises(Exception, match="duration"):
+        orchestrator.run(pair_spec("spin", duration=0))

@@ -1,0 +1,105 @@
+"""Entry point of one worker process: ``python -m workers --cpu N --slot I --region NAME --role R``.
+
+Pins itself, verifies the pin, attaches and validates the region, reports READY in its slot,
+waits on the start barrier, runs ``workers.<role>.run(ctx)``, reports DONE (or FAILED).
+Exit status: 0 done, 3 the program raised, 4 pinning failed, 5 attach/validation failed,
+6 the start barrier never opened. Only the parent unlinks anything.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+
+import posix_ipc
+import psutil
+
+from shm_layout import AsirtError, Region, WorkerState
+
+EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START = 3, 4, 5, 6
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+START_TIMEOUT_S = 60.0
+
+
+def pin(cpu: int) -> None:
+    psutil.Process().cpu_affinity([cpu])
+    got = os.sched_getaffinity(0)
+    if got != {cpu}:
+        raise AsirtError(f"pinning to CPU {cpu} did not hold: affinity is {sorted(got)}")
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL us when the orchestrator dies (Linux PR_SET_PDEATHSIG), so a
+    kill -9 of the CLI leaves no worker spinning. False if the parent is already gone."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    return parent != 1 and os.getppid() == parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workers")
+    ap.add_argument("--cpu", type=int, required=True)
+    ap.add_argument("--slot", type=int, required=True)
+    ap.add_argument("--region", required=True)
+    ap.add_argument("--role", required=True)
+    ap.add_argument("--params", default="{}")
+    args = ap.parse_args(argv)
+    # Ctrl-C reaches the whole foreground process group: the parent handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not die_with_parent():
+        return EXIT_START
+    try:
+        pin(args.cpu)
+    except (OSError, psutil.Error, AsirtError) as err:
+        print(f"worker cpu {args.cpu}: cannot pin: {err}", file=sys.stderr)
+        return EXIT_PIN
+    try:
+        region = Region.attach(args.region)
+    except AsirtError as err:
+        print(f"worker cpu {args.cpu}: {err}", file=sys.stderr)
+        return EXIT_ATTACH
+    # Local import: workers.context pulls the program-facing helpers.
+    from workers.context import WorkerContext
+    metrics = [bytes(n).decode() for n in region.array("metrics")["name"]]
+    ctx = WorkerContext(region, args.slot, args.cpu, args.role, json.loads(args.params), metrics)
+    w = ctx.words
+    state = ctx.slot_word(args.slot, "state")
+    if w[ctx.slot_word(args.slot, "cpu")] != args.cpu:
+        print(f"worker cpu {args.cpu}: slot {args.slot} belongs to CPU "
+              f"{w[ctx.slot_word(args.slot, 'cpu')]}", file=sys.stderr)
+        return EXIT_ATTACH
+    w[ctx.slot_word(args.slot, "pid")] = os.getpid()
+    w[state] = WorkerState.ATTACHED
+    try:
+        program = importlib.import_module(f"workers.{args.role}")
+        prepare = getattr(program, "prepare", None)
+        if prepare is not None:
+            prepare(ctx)
+        w[state] = WorkerState.READY
+        try:
+            region.semaphore("start").acquire(START_TIMEOUT_S)
+        except posix_ipc.BusyError:
+            print(f"worker cpu {args.cpu}: start barrier not released in {START_TIMEOUT_S}s",
+                  file=sys.stderr)
+            w[state] = WorkerState.FAILED
+            return EXIT_START
+        w[state] = WorkerState.RUNNING
+        program.run(ctx)
+    except BaseException:  # report any failure in the slot, details on stderr
+        w[state] = WorkerState.FAILED
+        w[ctx.slot_word(args.slot, "err")] = EXIT_PROGRAM
+        traceback.print_exc()
+        return EXIT_PROGRAM
+    w[state] = WorkerState.DONE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

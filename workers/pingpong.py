@@ -1,0 +1,140 @@
+"""Round-trip latency of one IPI-like transport between two pinned workers.
+
+The ``ping`` side writes a sequence number into its slot, delivers it through the transport,
+and waits for the ``pong`` side to echo it into its own slot; the time between is one sample
+of ``roundtrip``. Every word has one writer: ping writes only its ``ping``, pong only its
+``pong`` (x86 TSO orders the stores; no fence is needed for request/ack message passing).
+
+Transports (params["transport"]):
+  spin    the target polls the requester's word at its safe points (a busy loop);
+  signal  SIGUSR1: the target's handler echoes asynchronously, interrupting whatever runs
+          (params["target"] "busy": a running loop, "idle": sleeping in the kernel);
+  sem     the target is blocked on its POSIX semaphore, as an idle CPU would be, and is woken.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import posix_ipc
+
+from asirt.histogram import recorder
+from asirt.spin import spin_limit, wait_slow
+from shm_layout.header import STOP_WORD
+from workers.context import WorkerContext
+
+PROGRESS_EVERY = 1024
+
+
+def prepare(ctx: WorkerContext) -> None:
+    """Before READY: the signal target installs its handler so no early IPI is lost."""
+    if ctx.params["side"] == "pong" and ctx.params["transport"] == "signal":
+        w = ctx.words
+        src = ctx.slot_word(ctx.params["peer"], "ping")
+        dst = ctx.slot_word(ctx.slot, "pong")
+
+        def on_ipi(signum: int, frame: object) -> None:
+            w[dst] = w[src]
+
+        signal.signal(signal.SIGUSR1, on_ipi)
+
+
+def run(ctx: WorkerContext) -> None:
+    if ctx.params["side"] == "ping":
+        _ping(ctx)
+    else:
+        _PONG[ctx.params["transport"]](ctx)
+
+
+def _ping(ctx: WorkerContext) -> None:
+    w, p = ctx.words, ctx.params
+    peer = p["peer"]
+    mine = ctx.slot_word(ctx.slot, "ping")
+    theirs = ctx.slot_word(peer, "pong")
+    progress = ctx.slot_word(ctx.slot, "progress")
+    samples = ctx.slot_word(ctx.slot, "samples")
+    rec = recorder(w, ctx.hist_base("roundtrip"))
+    limit = spin_limit(p.get("oversubscribed", False))
+    deliver = None
+    if p["transport"] == "signal":
+        peer_pid, sig, kill = w[ctx.slot_word(peer, "pid")], signal.SIGUSR1, os.kill
+        deliver = lambda: kill(peer_pid, sig)  # noqa: E731 - bound once, called per sample
+    elif p["transport"] == "sem":
+        deliver = ctx.region.semaphore(f"wake{peer}").release
+    now = time.perf_counter_ns
+    k = 0
+    while not w[STOP_WORD]:
+        k += 1
+        t0 = now()
+        w[mine] = k
+        if deliver is not None:
+            deliver()
+        n = 0
+        stopped = False
+        while w[theirs] != k:
+            n += 1
+            if n >= limit and not wait_slow(w, theirs, k):
+                stopped = True   # asked to stop while waiting: not a round trip
+                break
+        if stopped:
+            k -= 1
+            break
+        t1 = now()
+        rec(t1 - t0)
+        if k % PROGRESS_EVERY == 0:
+            w[progress] = k
+            w[samples] = k
+    w[progress] = w[samples] = k
+
+
+def _pong_spin(ctx: WorkerContext) -> None:
+    w = ctx.words
+    src = ctx.slot_word(ctx.params["peer"], "ping")
+    dst = ctx.slot_word(ctx.slot, "pong")
+    limit = spin_limit(ctx.params.get("oversubscribed", False))
+    sched_yield = os.sched_yield
+    last, n = 0, 0
+    while True:
+        v = w[src]
+        if v != last:
+            w[dst] = last = v
+            n = 0
+            continue
+        n += 1
+        if n >= limit:
+            if w[STOP_WORD]:
+                return
+            sched_yield()
+
+
+def _pong_signal(ctx: WorkerContext) -> None:
+    w = ctx.words
+    if ctx.params.get("target", "busy") == "idle":
+        while not w[STOP_WORD]:
+            time.sleep(0.001)  # the handler runs as soon as the signal wakes us
+        return
+    limit = spin_limit(ctx.params.get("oversubscribed", False))
+    sched_yield, n = os.sched_yield, 0
+    while not w[STOP_WORD]:   # a running "guest": the handler interrupts it between bytecodes
+        n += 1
+        if n >= limit:
+            sched_yield()
+            n = 0
+
+
+def _pong_sem(ctx: WorkerContext) -> None:
+    w = ctx.words
+    src = ctx.slot_word(ctx.params["peer"], "ping")
+    dst = ctx.slot_word(ctx.slot, "pong")
+    sem = ctx.region.semaphore(f"wake{ctx.slot}")
+    while not w[STOP_WORD]:
+        try:
+            sem.acquire(0.05)
+        except posix_ipc.BusyError:
+            continue
+        w[dst] = w[src]
+
+
+_PONG = {"spin": _pong_spin, "signal": _pong_signal, "sem": _pong_sem}
+TRANSPORTS = tuple(_PONG)
