@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the table of a run directory")
     r.add_argument("run_dir")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--plot", action="store_true", help="write a PNG per metric into RUN_DIR")
+
+    cmp_ = sub.add_parser("compare", help="p50/p99 of matching entries of two runs, B against A")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
 
     c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
     c.add_argument("--all", action="store_true",
@@ -102,10 +107,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "topology": args.topology, "cpus": list(topo.allowed_cpus), "clock": clock._asdict(),
         "floor": not args.no_floor,
     }
-    if topo.emulated and not args.quiet:
-        print("WARNING: no core has two usable SMT siblings; using an EMULATED sibling grouping "
-              f"{[list(c) for c in topo.usable_cores]} (distinct cores, not hyperthreads)",
-              file=sys.stderr)
+    if not args.quiet:
+        for line in topo.warnings:
+            print(f"WARNING: {line}", file=sys.stderr)
     pairs = bench.pingpong_pairs(topo)
     nfloor = 1 if _has_compiler() and not args.no_floor else 0
     progress = bench.ProgressLine(len(pairs) * (len(transports) + nfloor), quiet=args.quiet)
@@ -121,6 +125,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
                                   entries, interrupted)
     run_dir = results.write_run(args.out, result, entries)
+    from asirt import plot
+    if plot.available() and entries:
+        plot.plot_run(run_dir)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -152,6 +159,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         if result["topology"].get("emulated"):
             print("topology: EMULATED sibling grouping")
         print(results.format_table(result["scenarios"]))
+    if args.plot:
+        from asirt.plot import plot_run
+        for path in plot_run(args.run_dir):
+            print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    a, b = results.load_result(args.run_a), results.load_result(args.run_b)
+    print(f"A = {a['run_id']} ({a['host']['hostname']})\nB = {b['run_id']} ({b['host']['hostname']})")
+    print(results.format_comparison(a["scenarios"], b["scenarios"]))
     return EXIT_OK
 
 
@@ -170,7 +188,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "report": cmd_report,
-            "cleanup": cmd_cleanup}
+            "compare": cmd_compare, "cleanup": cmd_cleanup}
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

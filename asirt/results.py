@@ -171,6 +171,36 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _key(s: dict[str, Any]) -> tuple:
+    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]))
+
+
+def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
+    """Entries present in both runs, metric by metric: p50 and p99 of A and B, and B/A."""
+    index = {_key(s): s for s in a}
+    head = ["scenario", "strategy", "transport", "cpus", "metric", "p50 A", "p50 B", "B/A",
+            "p99 A", "p99 B", "B/A"]
+    rows = []
+    for sb in b:
+        sa = index.get(_key(sb))
+        if sa is None:
+            continue
+        for metric, mb in sb["metrics"].items():
+            ma = sa["metrics"].get(metric)
+            if not ma or not ma["count"] or not mb["count"]:
+                continue
+            rows.append([*map(str, _key(sb)[:3]), ",".join(map(str, sb["cpus"])), metric,
+                         _fmt_ns(ma["p50"]), _fmt_ns(mb["p50"]), f"{mb['p50'] / ma['p50']:.2f}",
+                         _fmt_ns(ma["p99"]), _fmt_ns(mb["p99"]), f"{mb['p99'] / ma['p99']:.2f}"])
+    if not rows:
+        return "no entry appears in both runs"
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
 def load_result(run_dir: str) -> dict[str, Any]:
     path = os.path.join(run_dir, "result.json")
     try:

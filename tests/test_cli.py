@@ -82,8 +82,16 @@ def test_bench_pingpong_writes_a_run_directory(tmp_path):
         assert key in result
     if not result["topology"]["smt"]:
         assert result["topology"]["emulated"] is True
-        assert "EMULATED" in res.stderr
+        assert "emulated sibling grouping" in res.stderr
     assert result["config"]["clock"]["read_overhead_ns"] > 0
+    # the other commands read what bench wrote
+    rep = asirt("report", str(run_dir), "--plot")
+    assert rep.returncode == 0 and "spin" in rep.stdout
+    from asirt import plot
+    if plot.available():
+        assert (run_dir / "roundtrip.png").stat().st_size > 0
+    cmp_ = asirt("compare", str(run_dir), str(run_dir))
+    assert cmp_.returncode == 0 and cmp_.stdout.count("1.00") >= 2 * len(result["scenarios"])
 
 
 def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 60) -> list[psutil.Process]:
