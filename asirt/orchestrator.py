@@ -58,7 +58,6 @@ class RunOutcome:
     slots: np.ndarray            # copy of the slots section at the end
     failures: list[WorkerFailed]
     elapsed_s: float
-    interrupted: bool = False
 
     def merged(self, metric_index: int, workers: Sequence[int] | None = None) -> np.ndarray:
         rows = self.hists[:, metric_index] if workers is None else self.hists[list(workers), metric_index]
@@ -157,7 +156,6 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
     region = Region.create(_sections(spec))
     failures: list[WorkerFailed] = []
     reported: set[int] = set()
-    interrupted = False
     started = time.monotonic()
     try:
         _fill(region, spec)
@@ -211,20 +209,18 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
             if progress is not None:
                 progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
     finally:
-        elapsed = time.monotonic() - started
-        outcome = None
-        if not region.closed:
-            try:
-                outcome = _stop_and_collect(region, spec, children, failures, reported, elapsed)
-            finally:
-                children.close()
-                region.close()
-                region.unlink()
-    outcome.interrupted = interrupted
+        # Cleanup must finish even if a second Ctrl-C arrives: hold SIGINT/SIGTERM until the
+        # children are reaped and the region unlinked; a pending one is delivered afterwards.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            outcome = _stop_and_collect(region, spec, children, failures, reported,
+                                        time.monotonic() - started)
+        finally:
+            children.close()
+            region.close()
+            region.unlink()
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return outcome
 
 

@@ -88,3 +88,16 @@ def test_stopped_worker_is_killed_and_reported():
 def test_duration_must_be_positive():
     with pytest.raises(Exception, match="duration"):
         orchestrator.run(pair_spec("spin", duration=0))
+
+
+@pytest.mark.parametrize("transport", ["spin", "signal", "sem"])
+def test_two_workers_on_one_cpu_do_not_live_lock(transport):
+    """Workers outnumbering CPUs: the spin waits yield, so round trips still complete."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    common = {"transport": transport, "oversubscribed": True}
+    out = orchestrator.run(RunSpec(
+        workers=[WorkerSpec(cpu, "pingpong", {**common, "side": "ping", "peer": 1}),
+                 WorkerSpec(cpu, "pingpong", {**common, "side": "pong", "peer": 0})],
+        metrics=["roundtrip"], duration_s=0.5, cores=[[0, 1]]))
+    assert out.failures == []
+    assert histogram.summarize(out.merged(0)).count > 10
