@@ -94,102 +94,103 @@ def test_bench_pingpong_writes_a_run_directory(tmp_path):
     assert cmp_.returncode == 0 and cmp_.stdout.count("1.00") >= 2 * len(result["scenarios"])
 
 
-def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 60) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = [c for c in psutil.Process(proc.pid).children()
-                if "workers" in " ".join(c.cmdline())]
-        if len(kids) >= n:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError("workers never started")
+class LongBench:
+    """A long ``asirt bench`` in a child process, its workers once they run, and a guard that
+    kills the whole process group if the test fails half-way."""
+
+    def __init__(self, out, transport: str = "spin") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
+             "--transport", transport, "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.workers = self._wait_for_workers(2)
+
+    def _wait_for_workers(self, n: int, timeout: float = 60) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kids = [c for c in psutil.Process(self.proc.pid).children()
+                    if "workers" in " ".join(c.cmdline())]
+            if len(kids) >= n:
+                return kids
+            time.sleep(0.05)
+        self.close()
+        raise AssertionError("workers never started")
+
+    def finish(self) -> str:
+        """Wait for the CLI to exit; its stderr."""
+        return self.proc.communicate(timeout=60)[1]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
+
+    def assert_nothing_left(self) -> None:
+        assert not psutil.wait_procs(self.workers, timeout=10)[1], "a worker outlived the CLI"
+        assert not [lo for lo in list_leftovers() if lo.creator_pid == self.proc.pid]
 
 
-def _ours(name_prefix: str = "/asirt-") -> list:
-    return [lo for lo in list_leftovers() if lo.creator_pid != os.getpid()]
+@pytest.fixture
+def long_bench(tmp_path):
+    runs = []
+
+    def start(transport: str = "spin") -> LongBench:
+        runs.append(LongBench(tmp_path, transport))
+        return runs[-1]
+    yield start
+    for run in runs:
+        run.close()
 
 
-@pytest.mark.multiprocess
-def test_ctrl_c_cleans_up_and_keeps_completed_entries(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
-                             "--transport", "spin,sem", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        workers = _wait_for_workers(proc, 2)
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err
-    gone, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive
-    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+def _result(tmp_path) -> dict:
     (run_dir,) = list(tmp_path.iterdir())
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["interrupted"] is True
+    return json.loads((run_dir / "result.json").read_text())
 
 
 @pytest.mark.multiprocess
-def test_sigterm_cleans_up(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
-                             "--transport", "spin", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        workers = _wait_for_workers(proc, 2)
-        proc.terminate()
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130
-    assert not psutil.wait_procs(workers, timeout=10)[1]
-    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+def test_ctrl_c_cleans_up_and_keeps_completed_entries(long_bench, tmp_path):
+    run = long_bench("spin,sem")
+    time.sleep(0.5)
+    os.killpg(run.proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does
+    err = run.finish()
+    assert run.proc.returncode == 130, err
+    run.assert_nothing_left()
+    assert _result(tmp_path)["interrupted"] is True
 
 
 @pytest.mark.multiprocess
-def test_kill_9_of_a_worker_is_reported_by_cpu(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
-                             "--transport", "spin", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        workers = _wait_for_workers(proc, 2)
-        time.sleep(0.5)
-        victim = workers[-1]
-        cpu = victim.cmdline()[victim.cmdline().index("--cpu") + 1]
-        victim.kill()
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1, err
+def test_sigterm_cleans_up(long_bench, tmp_path):
+    run = long_bench()
+    run.proc.terminate()
+    err = run.finish()
+    assert run.proc.returncode == 130, err
+    run.assert_nothing_left()
+    assert _result(tmp_path)["interrupted"] is True
+
+
+@pytest.mark.multiprocess
+def test_kill_9_of_a_worker_is_reported_by_cpu(long_bench, tmp_path):
+    run = long_bench()
+    time.sleep(0.5)
+    victim = run.workers[-1]
+    cpu = victim.cmdline()[victim.cmdline().index("--cpu") + 1]
+    victim.kill()
+    err = run.finish()
+    assert run.proc.returncode == 1, err
     assert f"worker on CPU {cpu} was killed by SIGKILL" in err
-    assert not psutil.wait_procs(workers, timeout=10)[1]
-    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
-    (run_dir,) = list(tmp_path.iterdir())
-    result = json.loads((run_dir / "result.json").read_text())
-    assert any(s["failures"] for s in result["scenarios"])
+    run.assert_nothing_left()
+    assert any(s["failures"] for s in _result(tmp_path)["scenarios"])
 
 
 @pytest.mark.multiprocess
-def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
-                             "--transport", "spin", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        workers = _wait_for_workers(proc, 2)
-    finally:
-        proc.kill()
-        proc.wait()
+def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(long_bench):
+    run = long_bench()
+    run.proc.kill()
+    run.proc.communicate()
     # PR_SET_PDEATHSIG: the kernel kills the orphans.
-    assert not psutil.wait_procs(workers, timeout=10)[1]
-    left = [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    assert not psutil.wait_procs(run.workers, timeout=10)[1]
+    left = [lo for lo in list_leftovers() if lo.creator_pid == run.proc.pid]
     assert left and not any(lo.alive for lo in left)
     res = asirt("cleanup")
-    assert res.returncode == 0
-    assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    assert res.returncode == 0 and "unlinked segment" in res.stdout
+    run.assert_nothing_left()
