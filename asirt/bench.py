@@ -9,20 +9,27 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from asirt import histogram, orchestrator
-from asirt.cfloor import CFloor
-from asirt.errors import AsirtError, BadInput, FeatureMissing
+from asirt.cfloor import CFloor, compiler
+from asirt.errors import BadInput, FeatureMissing
 from asirt.orchestrator import RunSpec, WorkerSpec
 from asirt.results import Entry
 from asirt.topology import Topology
 from workers.pingpong import TRANSPORTS
 
-SCENARIOS = ("pingpong",)
 DEFAULT_SCENARIO = "pingpong"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line chose, for every scenario (each reads what applies to it)."""
+    transports: tuple[str, ...] = TRANSPORTS
+    duration_s: float = 2.0
+    floor: bool = True
 
 
 def parse_choices(text: str, valid: Sequence[str], option: str) -> list[str]:
@@ -93,9 +100,15 @@ def _summary_text(counts: np.ndarray) -> str:
     return f"p50 {s.p50} ns  p99 {s.p99} ns  ({s.count:,} samples)"
 
 
-def run_pingpong(topo: Topology, transports: Sequence[str], duration_s: float,
-                 progress: ProgressLine | None = None, floor: bool = True) -> Iterator[Entry]:
+def count_pingpong(topo: Topology, opts: Options) -> int:
+    nfloor = 1 if opts.floor and compiler() is not None else 0
+    return len(pingpong_pairs(topo)) * (len(opts.transports) + nfloor)
+
+
+def run_pingpong(topo: Topology, opts: Options,
+                 progress: ProgressLine | None = None) -> Iterator[Entry]:
     """Yield the floor entry (when a compiler exists) and one entry per transport, per pair."""
+    transports, duration_s, floor = opts.transports, opts.duration_s, opts.floor
     pairs = pingpong_pairs(topo)
     over = orchestrator.oversubscribed(2)
     cfloor: CFloor | None = None
@@ -158,5 +171,13 @@ def check_duration(duration: float) -> float:
     return duration
 
 
-__all__ = ["SCENARIOS", "DEFAULT_SCENARIO", "TRANSPORTS", "parse_choices", "ProgressLine",
-           "pingpong_pairs", "run_pingpong", "check_duration", "AsirtError"]
+class Scenario(NamedTuple):
+    help: str
+    count: Callable[[Topology, Options], int]     # entries it will produce (for progress)
+    run: Callable[[Topology, Options, ProgressLine | None], Iterator[Entry]]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "pingpong": Scenario("raw round trip of each IPI-like transport per CPU pair",
+                         count_pingpong, run_pingpong),
+}

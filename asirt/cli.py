@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import signal
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark scenario and write a run directory")
     b.add_argument("scenario", nargs="?", default=bench.DEFAULT_SCENARIO,
-                   help=f"one of {', '.join(bench.SCENARIOS)} (default {bench.DEFAULT_SCENARIO})")
+                   help="; ".join(f"{k}: {v.help}" for k, v in bench.SCENARIOS.items())
+                   + f" (default {bench.DEFAULT_SCENARIO})")
     b.add_argument("--transport", default=",".join(bench.TRANSPORTS),
                    help=f"comma-separated subset of {','.join(bench.TRANSPORTS)} (default all)")
     b.add_argument("--cpus", metavar="LIST", help="CPUs to use, e.g. 0-3,8 (default all allowed)")
@@ -93,31 +95,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario not in bench.SCENARIOS:
         raise BadInput(f"scenario {args.scenario!r}", "is not one asirt knows",
                        f"choose from {', '.join(bench.SCENARIOS)}")
-    transports = bench.parse_choices(args.transport, bench.TRANSPORTS, "--transport")
+    opts = bench.Options(
+        transports=tuple(bench.parse_choices(args.transport, bench.TRANSPORTS, "--transport")),
+        duration_s=args.duration, floor=not args.no_floor)
+    scenario = bench.SCENARIOS[args.scenario]
     topo = read_topology()
     cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
     topo = select_topology(topo, args.topology, cpus)
     system = read_system(cpus=topo.allowed_cpus)
+    progress = bench.ProgressLine(scenario.count(topo, opts), quiet=args.quiet)
     from asirt.clock import calibrate
     clock = calibrate()
     run_id = results.new_run_id(args.scenario)
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     config: dict[str, Any] = {
-        "scenario": args.scenario, "transports": transports, "duration_s": args.duration,
-        "topology": args.topology, "cpus": list(topo.allowed_cpus), "clock": clock._asdict(),
-        "floor": not args.no_floor,
+        "scenario": args.scenario, **dataclasses.asdict(opts), "topology": args.topology,
+        "cpus": list(topo.allowed_cpus), "clock": clock._asdict(),
     }
     if not args.quiet:
         for line in topo.warnings:
             print(f"WARNING: {line}", file=sys.stderr)
-    pairs = bench.pingpong_pairs(topo)
-    nfloor = 1 if _has_compiler() and not args.no_floor else 0
-    progress = bench.ProgressLine(len(pairs) * (len(transports) + nfloor), quiet=args.quiet)
     entries: list[results.Entry] = []
     interrupted = False
     try:
-        for entry in bench.run_pingpong(topo, transports, args.duration, progress,
-                                        floor=not args.no_floor):
+        for entry in scenario.run(topo, opts, progress):
             entries.append(entry)
     except KeyboardInterrupt:
         interrupted = True
@@ -142,11 +143,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"asirt: {len(failed)} worker failure(s): " + "; ".join(failed), file=sys.stderr)
         return EXIT_CHECK
     return EXIT_OK
-
-
-def _has_compiler() -> bool:
-    from asirt.cfloor import compiler
-    return compiler() is not None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
