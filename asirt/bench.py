@@ -171,6 +171,35 @@ def check_duration(duration: float) -> float:
     return duration
 
 
+def run_asi(topo: Topology, opts: Options,
+            progress: ProgressLine | None = None) -> Iterator[Entry]:
+    """One vCPU of one VM on every selected CPU, timing page walks, ASI switches and flushes."""
+    from asirt import asi_scenario
+    cpus = [c for core in topo.usable_cores for c in core]
+    slot = {cpu: i for i, cpu in enumerate(cpus)}
+    cores = [[slot[c] for c in core] for core in topo.usable_cores if core]
+    params: dict = {}
+    if progress:
+        progress.start(f"asi cpus {','.join(map(str, cpus))}")
+    l1d = topo.l1d_bytes or 32 * 1024
+    out = orchestrator.run(RunSpec(
+        workers=[WorkerSpec(cpu, "asi", params) for cpu in cpus],
+        metrics=asi_scenario.METRICS, duration_s=opts.duration_s, cores=cores,
+        emulated=topo.emulated, l1d_bytes=l1d,
+        extra_sections=asi_scenario.sections(len(cpus), len(cores), params),
+        init=lambda region: asi_scenario.init(region, cores, l1d, params),
+        collect=asi_scenario.counters), progress.update if progress else None)
+    hists = {m: out.merged(i) for i, m in enumerate(asi_scenario.METRICS)}
+    e = Entry("asi", "asi", "-", cpus, out.elapsed_s, hists=hists,
+              counters=dict(out.collected or {}), failures=[str(f) for f in out.failures],
+              extra={"emulated": topo.emulated, "l1d_bytes": l1d})
+    if progress:
+        progress.done("FAILED: " + "; ".join(e.failures) if e.failures else
+                      "  ".join(f"{m} p50 {histogram.summarize(h).p50} ns"
+                                for m, h in list(hists.items())[:3]))
+    yield e
+
+
 class Scenario(NamedTuple):
     help: str
     count: Callable[[Topology, Options], int]     # entries it will produce (for progress)
@@ -180,4 +209,6 @@ class Scenario(NamedTuple):
 SCENARIOS: dict[str, Scenario] = {
     "pingpong": Scenario("raw round trip of each IPI-like transport per CPU pair",
                          count_pingpong, run_pingpong),
+    "asi": Scenario("page walks, asi_enter/exit, faults, flushes and shootdowns on every CPU",
+                    lambda topo, opts: 1, run_asi),
 }

@@ -48,8 +48,13 @@ class RunSpec:
     l1d_bytes: int = 0
     extra_sections: Sequence[Section] = ()
     init: Callable[[Region], None] | None = None  # parent-side setup before workers start
-    #: stop early once every worker whose role is listed here is DONE
+    #: stop early once every worker whose role is listed here is DONE (or failed)
     finish_when_done: Sequence[str] = ()
+    #: parent-side read of the region after the workers stopped, before it is unlinked;
+    #: what it returns is RunOutcome.collected
+    collect: Callable[[Region], Any] | None = None
+    #: a worker that fails does not end the run (fault injection: the others must notice)
+    keep_going: bool = False
 
 
 @dataclass
@@ -58,6 +63,7 @@ class RunOutcome:
     slots: np.ndarray            # copy of the slots section at the end
     failures: list[WorkerFailed]
     elapsed_s: float
+    collected: Any = None        # what RunSpec.collect returned
 
     def merged(self, metric_index: int, workers: Sequence[int] | None = None) -> np.ndarray:
         rows = self.hists[:, metric_index] if workers is None else self.hists[list(workers), metric_index]
@@ -202,9 +208,10 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
         while True:
             now = time.monotonic()
             check_children()
-            if failures or now >= end:
+            if (failures and not spec.keep_going) or now >= end:
                 break
-            if finishers and all(w[state_words[i]] == WorkerState.DONE for i in finishers):
+            if finishers and all(w[state_words[i]] == WorkerState.DONE or i in reported
+                                 for i in finishers):
                 break
             if progress is not None:
                 progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
@@ -248,8 +255,9 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
                                          children.stderr_tail(i)))
     hist = region.array("hist").reshape(len(spec.workers), len(spec.metrics), -1).copy()
     slots = region.array("slots").copy()
+    collected = spec.collect(region) if spec.collect is not None else None
     region.set_state(RegionState.DONE)
-    return RunOutcome(hist, slots, failures, elapsed)
+    return RunOutcome(hist, slots, failures, elapsed, collected=collected)
 
 
 def _liveness(pid: int) -> str:

@@ -9,6 +9,8 @@ from shm_layout.header import HEADER_DTYPE, LAYOUT_VERSION, MAGIC, RegionState
 from shm_layout.sections import (CORE_DTYPE, HIST_BUCKETS, METRIC_DTYPE, SLOT_DTYPE, Section,
                                  WorkerState, section_dtype)
 from shm_layout.region import Region, list_leftovers, reclaim
+# Importing these registers their sections, so every attach knows their dtypes.
+from shm_layout import asi as _asi  # noqa: F401,E402
 
 __all__ = [
     "AsirtError", "LayoutMismatch", "SegmentMissing", "HEADER_DTYPE", "LAYOUT_VERSION", "MAGIC",

@@ -194,3 +194,14 @@ def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(long_bench):
     res = asirt("cleanup")
     assert res.returncode == 0 and "unlinked segment" in res.stdout
     run.assert_nothing_left()
+
+
+@pytest.mark.multiprocess
+def test_bench_asi_writes_every_metric(tmp_path):
+    res = asirt("bench", "asi", "--duration", "0.5", "--out", str(tmp_path), "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(res.stdout)["scenarios"]
+    assert set(entry["metrics"]) == {"walk_tlb_hit", "walk_full", "asi_enter_exit",
+                                     "fault_retry", "flush", "shootdown"}
+    assert all(m["count"] > 0 for m in entry["metrics"].values())
+    assert entry["counters"]["faults"] > 0 and entry["counters"]["flushes"] > 0

@@ -1,0 +1,89 @@
+"""Memory classes: tokens, segregation of classes and owners on frames, pool errors."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asirt.errors import AsirtError, BadInput
+from asirt.memclass import (DoubleFree, Frames, MappingRefused, MemClass, PoolExhausted,
+                            describe, make_token, token_class, token_frame, token_owner)
+from shm_layout.asi import PAGE_SIZE
+from tests.asi_fixtures import aregion, asi_region  # noqa: F401
+
+
+def test_tokens_name_class_owner_and_frame():
+    t = make_token(MemClass.LOCAL, 7, 1234)
+    assert (token_class(t), token_owner(t), token_frame(t)) == (MemClass.LOCAL, 7, 1234)
+    assert token_class(make_token(MemClass.SENSITIVE, 0, 0)) == MemClass.SENSITIVE
+    assert make_token(MemClass.SENSITIVE, 0, 0) != 0
+    assert make_token(MemClass.GLOBAL, 0, 5) == 0
+    assert describe(MemClass.LOCAL, 3) == "local(3)" and describe(MemClass.GLOBAL, 0) == "global"
+
+
+@pytest.mark.parametrize("cls,owner,match", [
+    (MemClass.FREE, 0, "not allocatable"), (9, 0, "not allocatable"),
+    (MemClass.LOCAL, 0, "belongs to a domain"), (MemClass.GLOBAL, 2, "no owner"),
+    (MemClass.SENSITIVE, -1, "outside"),
+])
+def test_bad_class_or_owner(aregion, cls, owner, match):  # noqa: F811
+    frames = Frames(aregion)
+    try:
+        with pytest.raises(BadInput, match=match):
+            frames.alloc(cls, owner)
+        assert (frames.arr["cls"] == 0).all()
+    finally:
+        frames.close()
+
+
+def test_frame_pool_exhaustion_and_double_free(aregion):  # noqa: F811
+    frames = Frames(aregion)
+    try:
+        pfns = [frames.alloc(MemClass.SENSITIVE) for _ in range(frames.count)]
+        assert sorted(pfns) == list(range(frames.count))
+        with pytest.raises(PoolExhausted, match=r"frame pool is exhausted.*local\(3\)"):
+            frames.alloc(MemClass.LOCAL, 3)
+        frames.free(5, 0x5000)
+        with pytest.raises(DoubleFree, match=r"double free of frame 5 \(address 0x5000\)"):
+            frames.free(5, 0x5000)
+        assert frames.alloc(MemClass.GLOBAL) == 5
+    finally:
+        frames.close()
+
+
+def test_errors_pickle_with_their_fields():
+    for err in (PoolExhausted("frame", 8, "a global frame", "asi_frames"),
+                DoubleFree("frame", 3, 0x3000),
+                MappingRefused(0xFFFF_8880_0000_1000, 1, MemClass.SENSITIVE, 0, 2)):
+        back = pickle.loads(pickle.dumps(err))
+        assert isinstance(back, AsirtError) and str(back) == str(err)
+    assert "sensitive memory is mapped only in the full kernel tree" in str(
+        MappingRefused(0x1000, 1, MemClass.SENSITIVE, 0, 2))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, PAGE_SIZE),
+                          st.sampled_from([(MemClass.SENSITIVE, 0), (MemClass.SENSITIVE, 1),
+                                           (MemClass.GLOBAL, 0), (MemClass.LOCAL, 1),
+                                           (MemClass.LOCAL, 2)])),
+                min_size=1, max_size=40))
+def test_objects_never_share_a_frame_across_class_or_owner(objs):
+    with asi_region(frames=64) as region:
+        frames = Frames(region)
+        try:
+            placed = []
+            for size, (cls, owner) in objs:
+                pfn, off, _ = frames.alloc_object(size, cls, owner)
+                placed.append((pfn, off, size, cls, owner))
+            for pfn, off, size, cls, owner in placed:
+                assert (frames.cls_of(pfn), frames.owner_of(pfn)) == (cls, owner)
+                assert off + size <= PAGE_SIZE
+                tok = int(frames.arr["token"][pfn])
+                assert tok == make_token(cls, owner, pfn)
+            spans = sorted((pfn * PAGE_SIZE + off, size) for pfn, off, size, *_ in placed)
+            for (a, n), (b, _) in zip(spans, spans[1:]):
+                assert a + n <= b                              # no two objects overlap
+        finally:
+            frames.close()

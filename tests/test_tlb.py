@@ -1,0 +1,264 @@
+"""PCID/TLB: hits and misses, switches without flushes, lazy flushes, shootdowns in-process
+(threads) and across real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from asirt import tlb as tlb_mod
+from asirt.asi import Asi, AsiClassId
+from asirt.memclass import MemClass
+from asirt.pagetable import PRESENT
+from shm_layout.header import STOP_WORD
+from shm_layout.region import list_leftovers
+from tests.asi_fixtures import aregion, asi_region, cpu0, handles, kernel  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KVM = AsiClassId.KVM
+
+
+def _seen(a: Asi, pcid: int) -> int:
+    return a.q[a.tlb.seen + pcid]
+
+
+def _gen(a: Asi, inst: int) -> int:
+    return int(a.insts["gen"][inst])
+
+
+def test_hit_after_miss(kernel, cpu0):  # noqa: F811
+    g = kernel.alloc_page(MemClass.GLOBAL)
+    assert cpu0.translate(g) == cpu0.translate(g) != 0
+    assert cpu0.stat("tlb_misses") == 1
+
+
+def test_switching_trees_keeps_entries_while_generations_are_current(kernel, cpu0):  # noqa: F811
+    vm = kernel.asi_init(1, KVM)
+    g, mine = kernel.alloc_page(MemClass.GLOBAL), kernel.alloc_page(MemClass.LOCAL, 1)
+    cpu0.asi_enter(vm)
+    cpu0.translate(mine)
+    cpu0.asi_exit()
+    cpu0.translate(g)
+    flushes, misses = cpu0.stat("tlb_flushes"), cpu0.stat("tlb_misses")
+    for _ in range(5):
+        cpu0.asi_enter(vm)
+        assert cpu0.translate(mine)
+        cpu0.asi_exit()
+        assert cpu0.translate(g)
+    assert (cpu0.stat("tlb_flushes"), cpu0.stat("tlb_misses")) == (flushes, misses)
+
+
+def test_a_cpu_outside_flushes_lazily_at_its_next_enter(kernel, cpu0):  # noqa: F811
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    cpu0.asi_enter(vm)
+    assert cpu0.translate(mine)
+    cpu0.asi_exit()
+    kernel.unmap_restricted(vm, mine)             # nobody inside: nobody waited for
+    ctl = kernel.region.array("asi_ctl")[0]
+    assert (int(ctl["shootdowns_sent"]), int(ctl["shootdowns_avoided"])) == (0, 1)
+    assert _seen(cpu0, vm) == _gen(kernel, vm) - 1
+    flushes = cpu0.stat("tlb_flushes")
+    cpu0.asi_enter(vm)
+    assert _seen(cpu0, vm) == _gen(kernel, vm) and cpu0.stat("tlb_flushes") == flushes + 1
+    assert cpu0.translate(mine) == 0
+
+
+def test_a_stale_entry_never_matches_again_when_the_epoch_wraps(kernel, cpu0):  # noqa: F811
+    vm = kernel.asi_init(1, KVM)
+    p, other = kernel.alloc_page(MemClass.LOCAL, 1), kernel.alloc_page(MemClass.LOCAL, 1)
+    cpu0.asi_enter(vm)
+    assert cpu0.translate(p)
+    cpu0.unmap_restricted(vm, p)                   # p's entry is stale: epoch of gen g
+    for _ in range(2 ** tlb_mod.EPOCH_BITS - 1):    # to gen g + 32: the same epoch bits again
+        cpu0.unmap_restricted(vm, other)
+        cpu0.map_restricted(vm, other)
+    assert cpu0.translate(p) == 0
+
+
+def test_a_cpu_inside_uses_its_stale_entry_until_it_answers(kernel, aregion):  # noqa: F811
+    """The shootdown in two halves: after the unmap the CPU inside still hits its stale
+    entry (as hardware would), until it reaches a safe point; then the sender is done."""
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    with handles(aregion, 1) as (c1,):
+        c1.asi_enter(vm)
+        stale = c1.translate(mine)
+        with kernel.pt:
+            kernel.pt.clear_pte(int(kernel.insts["root"][vm]), mine, vm)
+            targets = kernel.shootdowns.prepare([vm])
+        assert targets == [(1, vm, _gen(kernel, vm))]
+        assert c1.translate(mine) == stale            # not yet flushed
+        c1.service()
+        assert c1.translate(mine) == 0
+        kernel.shootdowns.wait(targets)               # returns at once
+
+
+class _Servicer:
+    """CPU ``a`` answering shootdowns from a thread, as a worker at its safe points would."""
+
+    def __init__(self, a: Asi) -> None:
+        self.a, self.stop = a, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.a.service()
+            time.sleep(0)
+
+    def __enter__(self) -> "_Servicer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_shootdown_waits_for_the_cpus_inside(kernel, aregion):  # noqa: F811
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    with handles(aregion, 0, 1) as (c0, c1):
+        c1.asi_enter(vm)
+        c1.translate(mine)
+        with _Servicer(c1):
+            c0.unmap_restricted(vm, mine)
+        assert _seen(c1, vm) == _gen(kernel, vm) and c1.translate(mine) == 0
+        assert (c0.stat("shootdowns_sent"), c0.stat("shootdowns_avoided")) == (1, 0)
+
+
+def test_full_tree_unmaps_reach_every_online_cpu(kernel, aregion):  # noqa: F811
+    vm = kernel.asi_init(1, KVM)
+    s = kernel.alloc_page(MemClass.SENSITIVE)
+    with handles(aregion, 0, 1) as (c0, c1):
+        c1.access(s)                                   # a pcid-0 entry, then into the VM
+        c1.asi_enter(vm)
+        with _Servicer(c1):
+            c0.free_page(s)
+        assert _seen(c1, 0) == _gen(kernel, 0)
+        c1.asi_exit()
+        assert c1.translate(s) == 0
+        assert c0.stat("shootdowns_sent") == 1
+
+
+def test_a_cpu_that_never_answers_times_out(kernel, aregion, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(tlb_mod, "SHOOTDOWN_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tlb_mod, "SPIN_POLLS", 16)
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    with handles(aregion, 1) as (c1,):
+        c1.asi_enter(vm)
+        with pytest.raises(tlb_mod.ShootdownTimeout, match="CPU slot 1 .*alive but not"):
+            kernel.unmap_restricted(vm, mine)
+        c1.service()
+    assert kernel.verify() == []                   # the unmap itself is complete
+
+
+def test_fence_survives_nesting():
+    tlb_mod._FENCES[0].acquire()                   # as if a handler interrupted a fence
+    try:
+        tlb_mod.fence()
+    finally:
+        tlb_mod._FENCES[0].release()
+
+
+# -- across processes ---------------------------------------------------------------------
+_WALKER = r"""
+import sys, time
+import shm_layout.asi
+from shm_layout import Region
+from shm_layout.header import STOP_WORD
+from asirt.asi import Asi
+name, slot, inst, va, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+r = Region.attach(name)
+a = Asi(r, slot)
+w = r.words
+done = r.word_index("slots", 0, "ping")
+prog, stale = r.word_index("slots", slot, "progress"), r.word_index("slots", slot, "err")
+after, unmapped = r.word_index("slots", slot, "samples"), r.word_index("slots", slot, "pong")
+deadline = time.monotonic() + 50
+try:
+    a.online()
+    a.asi_enter(inst)
+    assert a.translate(va)
+    if mode == "lazy":
+        a.asi_exit()
+    w[prog] = 1
+    while not w[STOP_WORD] and time.monotonic() < deadline:
+        d = w[done]                         # read before translating: the shootdown was over
+        if mode == "lazy":
+            if d and not w[after]:
+                a.asi_enter(inst)
+                w[stale] += a.translate(va) != 0
+                w[unmapped] = a.translate(va) == 0
+                w[after] = 1
+                a.asi_exit()
+        else:
+            pte = a.translate(va)
+            if d:
+                w[after] += 1
+                w[stale] += pte != 0
+            if not pte:
+                w[unmapped] = 1
+        a.service()
+        w[prog] += 1
+finally:
+    a.offline()
+    a.close()
+    r.close()
+"""
+
+
+def _wait(cond, what: str, timeout: float = 40.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_unmap_is_seen_by_walkers_in_other_processes():
+    """Two walkers inside the VM's instance translate a page in a loop while a third CPU
+    waits outside. The parent unmaps it from the VM's tree: the shootdown waits for the two
+    inside; once it has returned, no walker ever translates the page again, and the one
+    outside flushes lazily when it re-enters."""
+    procs: list[subprocess.Popen] = []
+    with asi_region(ncpus=4, cores=[[0, 1], [2, 3]]) as region:
+        k = Asi(region)
+        try:
+            vm = k.asi_init(1, KVM)
+            va = k.alloc_page(MemClass.LOCAL, 1)
+            for slot, mode in ((1, "inside"), (2, "inside"), (3, "lazy")):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-c", _WALKER, region.name, str(slot), str(vm), str(va),
+                     mode], cwd=ROOT, stdin=subprocess.DEVNULL))
+            w = region.words
+            word = region.word_index
+            _wait(lambda: all(w[word("slots", s, "progress")] > 100 for s in (1, 2))
+                  and w[word("slots", 3, "progress")] > 0, "walkers to start")
+            k.unmap_restricted(vm, va)
+            w[word("slots", 0, "ping")] = 1                       # shootdown complete
+            _wait(lambda: all(w[word("slots", s, "samples")] > 200 for s in (1, 2))
+                  and w[word("slots", 3, "samples")], "walkers to run after the unmap")
+            w[STOP_WORD] = 1
+            for p in procs:
+                assert p.wait(30) == 0
+            slots = region.array("slots")
+            assert slots["err"][1:].tolist() == [0, 0, 0], "a stale translation was used"
+            assert slots["pong"][1:].tolist() == [1, 1, 1]
+            ctl = region.array("asi_ctl")[0]
+            assert (int(ctl["shootdowns_sent"]), int(ctl["shootdowns_avoided"])) == (2, 1)
+            assert k.pt.walk(k.full_root, va) & PRESENT and k.verify() == []   # full tree kept it
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            k.close()
+    assert not [lo for lo in list_leftovers() if lo.creator_pid == os.getpid()]
