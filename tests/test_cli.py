@@ -189,10 +189,14 @@ def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(long_bench):
     run.proc.communicate()
     # PR_SET_PDEATHSIG: the kernel kills the orphans.
     assert not psutil.wait_procs(run.workers, timeout=10)[1]
+    # Its segment and semaphores stay behind (another asirt run on this machine may already
+    # have reclaimed them: every run reclaims those of dead creators when it starts).
     left = [lo for lo in list_leftovers() if lo.creator_pid == run.proc.pid]
-    assert left and not any(lo.alive for lo in left)
+    assert not any(lo.alive for lo in left)
     res = asirt("cleanup")
-    assert res.returncode == 0 and "unlinked segment" in res.stdout
+    assert res.returncode == 0
+    if left:
+        assert "unlinked segment" in res.stdout
     run.assert_nothing_left()
 
 
