@@ -1,0 +1,347 @@
+"""The VM-entry barrier: what a CPU establishes about its siblings before it enters GUEST(d).
+
+The condition (model/stun.pml, B1-B4), for every sibling that is not fenced off:
+
+  B1  no active stun request (its generation is even);
+  B2  not in HOST;
+  B3  no other domain (its domain is 0 -- idle -- or d);
+  and the core buffer holds nothing d may not see (under ``noflush`` this is not checked).
+
+Two implementations, both measuring the time from the first check to the VM entry
+(``barrier_wait``):
+
+- :class:`SpinBarrier` -- spin with bail-out: check; when a sibling blocks entry, bail out to
+  the safe point (ack and park for any pending request) and wait, spinning then yielding,
+  for *that sibling's* state to change (its mode seqlock or its generation), then re-check
+  everything. Nothing is written, so there is nothing to undo.
+- :class:`RendezvousBarrier` -- Xen-style (core scheduling with ``sched-gran=core``): the
+  siblings meet on a lock-protected core record (``stun_core``, lock = the POSIX semaphore
+  ``stuncore<k>``). Each arriving CPU sets its bit in ``rv_arrived``; the one that completes
+  the set of present siblings (not IDLE, not fenced) opens the round (``rv_epoch += 1``) and
+  all of them enter together, after the same B1-B4 check. A waiter with a pending stun
+  request leaves the round (clears its bit under the lock) and handles it first, so a
+  rendezvous never blocks the handshake; every wait has the handshake's timeouts.
+
+``check`` is the shared condition; ``run_barrier`` picks an implementation by name.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from typing import Callable
+
+import posix_ipc
+
+from asirt.stun import HOST, IDLE, Phase, StunCpu, Wait, liveness, now
+from shm_layout import Region
+from shm_layout.header import STOP_WORD
+from shm_layout.stun import COUNTER, EventKind, Source
+
+__all__ = ["BARRIERS", "Result", "check", "SpinBarrier", "RendezvousBarrier", "CoreLock",
+           "make_barrier", "init_core"]
+
+BARRIERS = ("spin", "rendezvous")
+
+
+class Result(enum.IntEnum):
+    OK = 0        # the CPU is now in GUEST
+    BUSY = 1      # a sibling has an active request or is in HOST
+    DOMAIN = 2    # a sibling runs another domain: switch domain (via HOST) or wait
+    STOP = 3      # the run is stopping
+    TIMEOUT = 4   # the caller's bound on waiting passed
+
+
+def check(cpu: StunCpu) -> tuple[Result, int]:
+    """B1-B3 per sibling, then the buffer (flushing it when dirty). (result, blocking lane)."""
+    w, d, dl = cpu.w, cpu.dom, cpu.dl
+    c = cpu.cnt
+    w[c + COUNTER["barrier_tries"]] += 1
+    for j in cpu.live_sibs:
+        if w[cpu.s_gen[j]] & 1:                                   # B1
+            w[c + COUNTER["barrier_busy"]] += 1
+            return Result.BUSY, j
+        if dl:
+            dl()
+        if w[cpu.s_mode[j]] == HOST:                              # B2
+            w[c + COUNTER["barrier_busy"]] += 1
+            return Result.BUSY, j
+        if dl:
+            dl()
+        e = w[cpu.s_dom[j]]                                       # B3
+        if e != 0 and e != d:
+            w[c + COUNTER["barrier_dom"]] += 1
+            return Result.DOMAIN, j
+        if dl:
+            dl()
+    if cpu.flush_on and cpu.buffer_dirty(d) is not None:
+        # Never happens under the strict protocol (the requester flushed before releasing):
+        # counted, then made safe by a flush of our own.
+        w[c + COUNTER["barrier_dirty"]] += 1
+        cpu.flush()
+        w[c + COUNTER["entry_flushes"]] += 1
+        if cpu.buffer_dirty(d) is not None:
+            return Result.BUSY, cpu.lane
+    return Result.OK, -1
+
+
+class SpinBarrier:
+    """Spin with bail-out, re-checking after the blocking sibling's last state change."""
+
+    name = "spin"
+
+    def __init__(self, cpu: StunCpu, rec: Callable[[int], None] | None = None) -> None:
+        self.cpu = cpu
+        self.rec = rec
+
+    def enter(self, max_wait_ns: int | None = None) -> Result:
+        """Wait until the barrier holds, then enter GUEST. The CPU must be in ASI(d), d != 0."""
+        cpu = self.cpu
+        w, dl = cpu.w, cpu.dl
+        t0 = now()
+        deadline = None if max_wait_ns is None else t0 + max_wait_ns
+        while True:
+            cpu.safe_point()
+            if not cpu.barrier_on:
+                r, j = Result.OK, -1
+            else:
+                r, j = check(cpu)
+            if r == Result.OK:
+                if dl:
+                    dl()
+                cpu.enter_guest()
+                if self.rec is not None:
+                    self.rec(now() - t0)
+                return r
+            if r == Result.DOMAIN:
+                return r
+            # bail out; wait for lane j to change state, answering requests meanwhile
+            if j == cpu.lane:
+                continue
+            r = wait_change(cpu, j, deadline, Phase.BARRIER)
+            if r is not None:
+                return r
+
+
+def wait_change(cpu: StunCpu, j: int, deadline: int | None, phase: Phase) -> Result | None:
+    """Spin (then yield) until lane j's mode seqlock or generation changes, or a request is
+    pending (returns None: re-check); STOP/TIMEOUT when the run stops or the deadline passes."""
+    w = cpu.w
+    im, ig = cpu.s_mseq[j], cpu.s_gen[j]
+    m0, g0 = w[im], w[ig]
+    n, start, state, limit = 0, 0, [0], cpu.limit
+    while w[im] == m0 and w[ig] == g0:
+        if cpu.pending():
+            return None
+        n += 1
+        if n >= limit:
+            if not start:
+                start = now()
+            if deadline is not None and now() > deadline:
+                return Result.TIMEOUT
+            r = cpu.tick(start, j, phase, state)
+            if r == Wait.STOP:
+                return Result.STOP
+            if r == Wait.FENCED:
+                return None
+    return None
+
+
+# -- the Xen-style rendezvous ---------------------------------------------------------------
+
+def init_core(region: Region, core: int, nlanes: int) -> None:
+    """Parent, before workers start: core ``core``'s record and its lock (value 1)."""
+    region.semaphore(f"stuncore{core}", initial=1)
+    region.array("stun_core")[core]["nlanes"] = nlanes
+
+
+class CoreLock:
+    """Core ``k``'s lock: a POSIX semaphore, with the holder's pid in ``stun_core.lock_pid`` so
+    a waiter that times out can tell a dead holder (whose lock it then breaks) from a slow one."""
+
+    def __init__(self, cpu: StunCpu, core: int) -> None:
+        self.cpu = cpu
+        region = cpu.region
+        self.sem = region.semaphore(f"stuncore{core}")
+        self.i_pid = region.word_index("stun_core", core, "lock_pid")
+        self.pid = os.getpid()
+
+    def acquire(self) -> bool:
+        """False when the run is stopping."""
+        cpu, w = self.cpu, self.cpu.w
+        sem = self.sem
+        try:
+            sem.acquire(0)
+        except posix_ipc.BusyError:
+            start = now()
+            timeout_s = cpu.cfg.ack_timeout_ns / 1e9
+            while True:
+                try:
+                    sem.acquire(min(timeout_s, 0.01))
+                    break
+                except posix_ipc.BusyError:
+                    pass
+                if w[STOP_WORD]:
+                    return False
+                if now() - start < cpu.cfg.ack_timeout_ns:
+                    continue
+                holder = w[self.i_pid]
+                if holder and liveness(holder) == "dead":
+                    # The holder died inside its critical section: break the lock.
+                    cpu.ring.emit(EventKind.TIMEOUT, Source.LIVENESS, -1, Phase.LOCK,
+                                  now() - start, holder)
+                    w[self.i_pid] = 0
+                    sem.release()
+                start = now()
+        w[self.i_pid] = self.pid
+        return True
+
+    def release(self) -> None:
+        self.cpu.w[self.i_pid] = 0
+        self.sem.release()
+
+
+class RendezvousBarrier:
+    """Xen-style rendezvous on the core record, then the B1-B4 check (module docstring)."""
+
+    name = "rendezvous"
+
+    def __init__(self, cpu: StunCpu, core: int, rec: Callable[[int], None] | None = None) -> None:
+        self.cpu = cpu
+        self.rec = rec
+        self.lock = CoreLock(cpu, core)
+        wi = cpu.region.word_index
+        self.i_epoch = wi("stun_core", core, "rv_epoch")
+        self.i_arrived = wi("stun_core", core, "rv_arrived")
+        self.i_dom = wi("stun_core", core, "rv_dom")
+        self.i_rounds = wi("stun_core", core, "rv_rounds")
+        self.bit = 1 << cpu.lane
+
+    def _needed(self) -> int:
+        """Lanes that must arrive: neither fenced off nor idle (an idle CPU runs no vCPU)."""
+        cpu, w = self.cpu, self.cpu.w
+        mask = self.bit
+        for j in cpu.live_sibs:
+            if w[cpu.s_mode[j]] != IDLE:
+                mask |= 1 << j
+        return mask
+
+    def _try_complete(self) -> bool:
+        """Under the lock: open the round if everyone needed is here."""
+        w = self.cpu.w
+        arrived = w[self.i_arrived]
+        needed = self._needed()
+        if arrived & needed == needed:
+            w[self.i_arrived] = 0
+            w[self.i_rounds] += 1
+            w[self.i_epoch] += 1
+            return True
+        return False
+
+    def _leave(self, epoch: int) -> None:
+        w = self.cpu.w
+        if not self.lock.acquire():
+            return
+        if w[self.i_epoch] == epoch:
+            w[self.i_arrived] &= ~self.bit
+        self.lock.release()
+
+    def enter(self, max_wait_ns: int | None = None) -> Result:
+        cpu = self.cpu
+        w, dl = cpu.w, cpu.dl
+        t0 = now()
+        deadline = None if max_wait_ns is None else t0 + max_wait_ns
+        while True:
+            cpu.safe_point()
+            if not self.lock.acquire():
+                return Result.STOP
+            arrived = w[self.i_arrived]
+            if arrived & ~self.bit == 0:
+                w[self.i_dom] = cpu.dom
+            elif w[self.i_dom] != cpu.dom:
+                self.lock.release()
+                w[cpu.cnt + COUNTER["barrier_dom"]] += 1
+                return Result.DOMAIN
+            w[self.i_arrived] = arrived | self.bit
+            epoch = w[self.i_epoch]
+            opened = self._try_complete()
+            self.lock.release()
+            if dl:
+                dl()
+            if not opened:
+                r = self._wait_round(epoch, deadline)
+                if r is not None:
+                    self._leave(epoch)
+                    if r == Result.BUSY:
+                        continue          # a request is pending: handle it, then a new round
+                    return r
+            w[cpu.cnt + COUNTER["rv_rounds"]] += 1
+            # The round is open: every present sibling arrived. Re-check what safety needs.
+            if not cpu.barrier_on:
+                r, j = Result.OK, -1
+            else:
+                r, j = check(cpu)
+            if r == Result.OK:
+                cpu.enter_guest()
+                if self.rec is not None:
+                    self.rec(now() - t0)
+                return r
+            if r == Result.DOMAIN:
+                return r
+            if j != cpu.lane:
+                r2 = wait_change(cpu, j, deadline, Phase.BARRIER)
+                if r2 is not None:
+                    return r2
+
+    def _wait_round(self, epoch: int, deadline: int | None) -> Result | None:
+        """Wait for the round to open (None). BUSY: a request is pending; STOP; TIMEOUT."""
+        cpu = self.cpu
+        w = cpu.w
+        ie = self.i_epoch
+        seqs = [cpu.s_mseq[j] for j in cpu.live_sibs]
+        last = [w[i] for i in seqs]
+        n, start, state, limit = 0, 0, [0], cpu.limit
+        while w[ie] == epoch:
+            if cpu.pending():
+                return Result.BUSY
+            n += 1
+            if n >= limit:
+                if not start:
+                    start = now()
+                if deadline is not None and now() > deadline:
+                    return Result.TIMEOUT
+                seen = [w[i] for i in seqs]
+                if seen != last:       # a sibling changed mode (went idle?): re-evaluate
+                    last = seen
+                    if not self.lock.acquire():
+                        return Result.STOP
+                    opened = w[ie] == epoch and self._try_complete()
+                    self.lock.release()
+                    if opened:
+                        return None
+                missing = self._missing()
+                r = cpu.tick(start, missing, Phase.RENDEZVOUS, state)
+                if r == Wait.STOP:
+                    return Result.STOP
+                if r == Wait.FENCED:
+                    seqs = [cpu.s_mseq[j] for j in cpu.live_sibs]
+                    last = []
+        return None
+
+    def _missing(self) -> int:
+        """A lane the round waits for (for the liveness check), -1 if none."""
+        w = self.cpu.w
+        arrived = w[self.i_arrived]
+        for j in self.cpu.live_sibs:
+            if not arrived >> j & 1:
+                return j
+        return -1
+
+
+def make_barrier(name: str, cpu: StunCpu, core: int,
+                 rec: Callable[[int], None] | None = None) -> SpinBarrier | RendezvousBarrier:
+    if name == "spin":
+        return SpinBarrier(cpu, rec)
+    if name == "rendezvous":
+        return RendezvousBarrier(cpu, core, rec)
+    raise ValueError(f"barrier {name!r}; choose from {', '.join(BARRIERS)}")
+

@@ -1,0 +1,95 @@
+"""The stun handshake against its hardware references, measured in one run on the same CPUs.
+
+Run with ``python -m pytest bench/test_bench_stun.py --benchmark-enable -p no:cacheprovider -s``.
+
+Targets (issue #4), p50, checked when benchmarks are enabled:
+
+- strict stun round trip over ``spin`` between two siblings <= 3x the C cache-line ping-pong
+  floor (asirt.cfloor) on the same pair (``ASIRT_STUN_SPIN_RATIO``, default 3.0);
+- strict stun round trip over ``signal`` <= 1.5x the raw signal ping-pong of
+  ``workers.pingpong`` on the same pair (``ASIRT_STUN_SIGNAL_RATIO``, default 1.5).
+
+Each benchmark is one round (one orchestrator run of ``ASIRT_STUN_BENCH_S`` seconds per side,
+default 3); ``extra_info`` carries both p50s and the ratio, which ``-s`` also prints. The
+round trip is from the requester's ``gen`` bump to having read every sibling's ack (the
+sibling parked); transition-time assertions are on, as in every run.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from asirt import histogram, orchestrator
+from asirt.cfloor import CFloor, compiler
+from asirt.orchestrator import RunSpec, WorkerSpec
+from asirt.stun_scenario import run_stun
+from tests.stun_fixtures import test_topology
+
+SPIN_RATIO = float(os.environ.get("ASIRT_STUN_SPIN_RATIO", "3.0"))
+SIGNAL_RATIO = float(os.environ.get("ASIRT_STUN_SIGNAL_RATIO", "1.5"))
+SECONDS = float(os.environ.get("ASIRT_STUN_BENCH_S", "3"))
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.requires_cpus(2), pytest.mark.timeout(300)]
+
+
+def _pair() -> tuple[int, int]:
+    core = test_topology().usable_cores[0]
+    return core[0], core[1]
+
+
+def _stun_p50(transport: str) -> tuple[int, dict]:
+    topo = test_topology()
+    (e,) = run_stun(topo, ["strict"], [transport], SECONDS)
+    assert e.failures == [] and e.counters["violations"] == 0
+    s = histogram.summarize(e.hists["stun_roundtrip"])
+    return s.p50, {"count": s.count, "p99": s.p99, "cpus": e.cpus}
+
+
+def _pingpong_p50(transport: str, a: int, b: int) -> int:
+    common = {"transport": transport, "oversubscribed": orchestrator.oversubscribed(2)}
+    spec = RunSpec(workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
+                            WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],
+                   metrics=["roundtrip"], duration_s=SECONDS, cores=[[0, 1]])
+    out = orchestrator.run(spec)
+    assert out.failures == []
+    return histogram.summarize(out.merged(0)).p50
+
+
+def _report(benchmark, name: str, stun: int, ref: int, target: float, info: dict) -> None:
+    ratio = stun / ref
+    benchmark.extra_info.update({"stun_p50_ns": stun, f"{name}_p50_ns": ref,
+                                 "ratio_p50": round(ratio, 3), "target_ratio": target, **info})
+    print(f"\nstun strict p50 {stun} ns, {name} p50 {ref} ns: ratio {ratio:.2f} "
+          f"(target <= {target})")
+    if not benchmark.disabled:
+        assert ratio <= target, f"stun p50 is {ratio:.2f}x the {name}, target {target}x"
+
+
+@pytest.mark.benchmark(group="stun")
+@pytest.mark.skipif(compiler() is None, reason="no C compiler for the hardware floor")
+def test_stun_spin_vs_c_floor(benchmark):
+    a, b = _pair()
+    result = {}
+
+    def measure():
+        with CFloor() as cf:
+            result["floor"] = histogram.summarize(cf.measure(a, b, SECONDS).counts).p50
+        result["stun"], result["info"] = _stun_p50("spin")
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    _report(benchmark, "c-floor", result["stun"], result["floor"], SPIN_RATIO, result["info"])
+
+
+@pytest.mark.benchmark(group="stun")
+def test_stun_signal_vs_raw_signal_pingpong(benchmark):
+    a, b = _pair()
+    result = {}
+
+    def measure():
+        result["raw"] = _pingpong_p50("signal", a, b)
+        result["stun"], result["info"] = _stun_p50("signal")
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    _report(benchmark, "signal-pingpong", result["stun"], result["raw"], SIGNAL_RATIO,
+            result["info"])

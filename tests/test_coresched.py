@@ -1,0 +1,173 @@
+"""Core scheduling: PR_SCHED_CORE semantics, force idle, kernel core scheduling, the real prctl."""
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+
+from asirt import coresched, histogram
+from asirt.coresched import (HOST_COOKIE, PR_SCHED_CORE_CREATE, PR_SCHED_CORE_GET,
+                             SCOPE_PROCESS_GROUP, SCOPE_THREAD, SCOPE_THREAD_GROUP, CookieTable,
+                             CoreSched, KernelCoreSched, RealCoreSched, cookies_match, probe)
+from asirt.barrier import Result, SpinBarrier
+from asirt.errors import FeatureMissing
+from asirt.stun import ASI, GUEST, HOST
+from asirt.stun_scenario import run_coresched
+from shm_layout.stun import COUNTER
+from tests.stun_fixtures import Background, cpus, stun_region, test_topology
+
+
+# -- the emulated prctl --------------------------------------------------------------------
+
+@pytest.fixture
+def table():
+    t = CookieTable()
+    t.add(100)                    # process 100: threads 100, 101; process group 100
+    t.add(101, tgid=100, pgid=100)
+    t.add(200, pgid=100)          # another process in the same group
+    t.add(300)                    # unrelated
+    return t
+
+
+def test_tasks_start_untagged_and_create_gives_a_new_cookie(table):
+    assert table.get(100) == HOST_COOKIE
+    c1 = table.create(100)
+    c2 = table.create(300)
+    assert c1 != HOST_COOKIE and c2 != HOST_COOKIE and c1 != c2
+    assert table.get(101) == HOST_COOKIE         # thread scope: only that thread
+
+
+def test_create_scopes(table):
+    c = table.create(100, SCOPE_THREAD_GROUP)
+    assert table.get(101) == c and table.get(200) == HOST_COOKIE
+    g = table.create(100, SCOPE_PROCESS_GROUP)
+    assert {table.get(t) for t in (100, 101, 200)} == {g} and table.get(300) == HOST_COOKIE
+
+
+def test_share_to_and_from(table):
+    c = table.create(300)
+    table.share_to(200, current=300)             # push my cookie to 200
+    assert table.get(200) == c
+    table.share_from(300, current=100)           # pull 300's cookie into me
+    assert table.get(100) == c and table.get(101) == HOST_COOKIE
+    table.share_to(100, SCOPE_THREAD_GROUP, current=300)
+    assert table.get(101) == c
+
+
+def test_prctl_errors_follow_the_kernel(table):
+    def err(fn):
+        with pytest.raises(OSError) as info:
+            fn()
+        return info.value.errno
+    assert err(lambda: table.get(999)) == errno.ESRCH
+    assert err(lambda: table.prctl(PR_SCHED_CORE_GET, 100, SCOPE_THREAD_GROUP, 100)) == errno.EINVAL
+    assert err(lambda: table.prctl(3, 100, SCOPE_THREAD_GROUP, 100)) == errno.EINVAL  # SHARE_FROM
+    assert err(lambda: table.prctl(7, 100, SCOPE_THREAD, 100)) == errno.EINVAL
+    assert err(lambda: table.prctl(PR_SCHED_CORE_CREATE, 100, 3, 100)) == errno.EINVAL
+    assert err(lambda: table.prctl(PR_SCHED_CORE_CREATE, -1, 0, 100)) == errno.EINVAL
+    assert table.prctl(PR_SCHED_CORE_CREATE, 0, SCOPE_THREAD, 300) == 0    # pid 0: current
+    assert table.get(300) != HOST_COOKIE
+
+
+def test_only_equal_cookies_share_a_core():
+    assert cookies_match(0, 0) and cookies_match(5, 5)
+    assert not cookies_match(0, 5) and not cookies_match(5, 6)
+
+
+# -- the real prctl --------------------------------------------------------------------------
+
+def test_probe_reports_support_or_says_it_continues_emulated():
+    s = probe()
+    if s.supported:
+        assert isinstance(RealCoreSched.get(), int)
+        assert coresched.select_backend() == ("real", s.message)
+    else:
+        assert s.errno in (errno.EINVAL, errno.ENODEV, errno.EPERM)
+        assert "not supported" in s.message and "continuing emulated" in s.message
+        if s.errno == errno.EINVAL:
+            assert "CONFIG_SCHED_CORE" in s.message
+        with pytest.raises(FeatureMissing) as info:
+            RealCoreSched()
+        assert "continuing emulated" in str(info.value)
+        assert coresched.select_backend()[0] == "emulated"
+    assert coresched.select_backend(prefer_real=False)[0] == "emulated"
+
+
+# -- force idle, in-process --------------------------------------------------------------------
+
+def test_a_sibling_of_another_cookie_is_forced_idle_until_the_core_is_free():
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        forced = []
+        ca, cb = CoreSched(a, 0), CoreSched(b, 0, patience_ns=10**9, rec_forced=forced.append)
+        assert ca.run_task(7) is True
+        assert cb.run_task(9, max_wait_ns=30_000_000) is False   # forced idle, gave up
+        assert cb.run_task(7) is True                          # same cookie: together
+        cb.stop_task()
+        waiting = Background(lambda: cb.run_task(9, max_wait_ns=5_000_000_000))
+        time.sleep(0.03)
+        assert not waiting.done
+        ca.stop_task()                                         # the core is free: 9 runs
+        assert waiting.result() is True
+        assert len(forced) == 1 and forced[0] >= 30_000_000
+        assert b.w[b.cnt + COUNTER["forced_idle"]] == 1
+        assert r.array("stun_cpu")[1]["cookie"] == 9
+        cb.stop_task()
+
+
+def test_a_patient_sibling_claims_the_core_next():
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        ca, cb = CoreSched(a, 0), CoreSched(b, 0, patience_ns=1_000_000)
+        assert ca.run_task(1) is True
+        claim = Background(lambda: cb.run_task(2, max_wait_ns=5_000_000_000))
+        deadline = time.monotonic() + 5
+        while not ca.should_yield() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert ca.should_yield()                  # b wants the core for cookie 2
+        ca.stop_task()
+        assert ca.run_task(1, max_wait_ns=5_000_000) is False   # the claim goes first
+        assert claim.result() is True
+        cb.stop_task()
+
+
+# -- kernel core scheduling ------------------------------------------------------------------
+
+def test_kcs_drops_to_the_host_cookie_for_sensitive_code_only():
+    with stun_region(1) as r:
+        (a,) = cpus(r, 1)
+        kcs = KernelCoreSched(a, SpinBarrier(a))
+        cookie = r.array("stun_cpu")[0:1]
+        assert kcs.vm_entry(1_000_000_000) == Result.OK
+        assert a.w[a.i_mode] == GUEST and cookie["cookie"][0] == 1
+        kcs.vm_exit()                               # non-sensitive kernel code: tag kept
+        assert a.w[a.i_mode] == ASI and cookie["cookie"][0] == 1
+        seen = []
+        assert kcs.sensitive(lambda: seen.append((a.w[a.i_mode], int(cookie["cookie"][0]))))
+        assert seen == [(HOST, HOST_COOKIE)]        # untagged while sensitive
+        assert cookie["cookie"][0] == 1
+
+
+# -- between pinned workers --------------------------------------------------------------------
+
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+@pytest.mark.timeout(120)
+def test_enforced_core_scheduling_never_mixes_cookies_and_measures_forced_idle():
+    e = run_coresched(test_topology(), 1.0, seed=3, enforce=True)
+    assert e.failures == []
+    assert e.counters["violations"] == 0, e.violations[:3]
+    assert e.counters["tasks"] > 0 and e.counters["m_samples"] > 0
+    assert e.counters["forced_idle"] > 0 and e.counters["forced_idle_ns"] > 0
+    assert histogram.summarize(e.hists["forced_idle"]).count == e.counters["forced_idle"]
+    assert e.extra["kernel_core_sched"]["backend"] in ("real", "emulated")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+@pytest.mark.timeout(120)
+def test_without_core_scheduling_the_monitor_sees_cookies_mixed():
+    e = run_coresched(test_topology(), 1.0, seed=3, enforce=False)
+    assert e.failures == []
+    assert e.counters["monitor_s2"] > 0 and e.counters["forced_idle"] == 0

@@ -1,0 +1,87 @@
+"""``asirt stress``: randomized transitions with injected delays, S1-S3 and liveness checked.
+
+The first test is the CI version of the issue's done criterion: the same seeded workload,
+strict shows zero S1/S2 violations and naive shows some (the full 10-million-transition run
+is ``python -m asirt.stun_scenario --transitions 10000000``, see asirt/stun_scenario.py).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from asirt.errors import BadInput
+from asirt.stun_scenario import STRESS_CI, run_stress
+from tests.stun_fixtures import test_topology
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.requires_cpus(2), pytest.mark.timeout(180)]
+
+SEED = 20221
+
+
+def test_done_criterion_ci_strict_zero_naive_caught_same_seed():
+    topo = test_topology()
+    strict = run_stress(topo, "strict", transitions=STRESS_CI, seed=SEED)
+    naive = run_stress(topo, "naive", transitions=STRESS_CI, seed=SEED)
+    for e in (strict, naive):
+        assert e.failures == [] and e.extra["liveness"] == [], (e.failures, e.extra["liveness"])
+        assert e.counters["transitions"] >= STRESS_CI
+        assert e.extra["seed"] == SEED and e.extra["delays"] is True
+    s, n = strict.counters, naive.counters
+    assert s["transition_s1"] + s["transition_s2"] + s["monitor_s1"] + s["monitor_s2"] == 0, \
+        strict.violations[:3]
+    assert s["violations"] == 0 and strict.extra["ok"] is True
+    assert n["transition_s1"] + n["monitor_s1"] > 0
+    assert naive.extra["ok"] is True            # unsafe protocol: violations expected, not a failure
+    assert naive.extra["safe_protocol"] is False
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop", "delay"])
+def test_injected_fault_is_detected_never_waited_for(fault):
+    t0 = time.monotonic()
+    e = run_stress(test_topology(), "strict", transitions=40_000, seed=3, faults=(fault,))
+    assert time.monotonic() - t0 < 90
+    (f,) = e.extra["faults"]
+    assert f["fault"] == fault and f["injected"] and f["detected"], f
+    assert e.failures == []                     # the victim's death is the injected one
+    assert e.extra["liveness"] == []            # the survivors kept going
+    assert e.counters["violations"] == 0
+    assert e.extra["ok"] is True
+    if fault in ("kill", "stop"):
+        assert f["detected_as"] == [f["expected"]]
+        assert len(e.extra["injected_failures"]) == 1
+
+
+@pytest.mark.parametrize("transport", ["signal", "sem"])
+def test_other_transports_are_safe_under_stress(transport):
+    e = run_stress(test_topology(), "strict", transitions=12_000, seed=4, transport=transport)
+    assert e.failures == [] and e.extra["ok"], (e.failures, e.extra["liveness"])
+    assert e.counters["violations"] == 0 and e.counters["ipis"] > 0
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_wide_cores_oversubscribed_on_two_cpus(lanes):
+    e = run_stress(test_topology(), "strict", transitions=4_000 * lanes // 2, seed=6,
+                   lanes_per_core=lanes)
+    assert e.failures == [] and e.extra["ok"], (e.failures, e.extra["liveness"])
+    assert e.extra["oversubscribed"] is True and len(e.extra["lanes"][0]) == lanes
+    assert e.counters["violations"] == 0
+    assert e.counters["acks"] > e.counters["requests"]    # requests acked by several siblings
+
+
+def test_duration_instead_of_transitions():
+    e = run_stress(test_topology(), "strict", duration_s=1.0, seed=8)
+    assert e.failures == [] and e.extra["ok"]
+    assert e.counters["transitions"] > 0 and e.extra["transitions_target"] is None
+
+
+def test_bad_input():
+    topo = test_topology()
+    with pytest.raises(BadInput, match="exactly one"):
+        run_stress(topo, "strict", transitions=10, duration_s=1)
+    with pytest.raises(BadInput, match="exactly one"):
+        run_stress(topo, "strict")
+    with pytest.raises(BadInput, match="unknown fault"):
+        run_stress(topo, "strict", duration_s=1, faults=("meteor",))
+    with pytest.raises(BadInput):
+        run_stress(topo, "careless", duration_s=1)
