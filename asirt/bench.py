@@ -13,7 +13,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from asirt import histogram, orchestrator
+from asirt import histogram, orchestrator, stun_scenario
 from asirt.cfloor import CFloor, compiler
 from asirt.errors import BadInput, FeatureMissing
 from asirt.orchestrator import RunSpec, WorkerSpec
@@ -29,7 +29,8 @@ class Options:
     """What the command line chose, for every scenario (each reads what applies to it)."""
     transports: tuple[str, ...] = TRANSPORTS
     duration_s: float = 2.0
-    floor: bool = True
+    floor: bool = True                          # also measure the reference (C floor, raw pingpong)
+    protocols: tuple[str, ...] = ("strict", "naive")   # stun handshake variants
 
 
 def parse_choices(text: str, valid: Sequence[str], option: str) -> list[str]:
@@ -209,6 +210,8 @@ class Scenario(NamedTuple):
 SCENARIOS: dict[str, Scenario] = {
     "pingpong": Scenario("raw round trip of each IPI-like transport per CPU pair",
                          count_pingpong, run_pingpong),
+    "stun": Scenario("strict and naive sibling stun round trips, unstun and VM-entry barrier",
+                     stun_scenario.count_stun, stun_scenario.run_stun_scenario),
     "asi": Scenario("page walks, asi_enter/exit, faults, flushes and shootdowns on every CPU",
                     lambda topo, opts: 1, run_asi),
 }

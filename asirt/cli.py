@@ -7,9 +7,9 @@ import datetime as _dt
 import json
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from asirt import bench, results
+from asirt import bench, results, stun_scenario
 from asirt.errors import AsirtError, BadInput
 from asirt.system import read_system
 from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
@@ -36,6 +36,16 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgParser(prog="asirt", description="Measure SMT sibling synchronization "
                    "(ASI, sibling stun, core scheduling) with pinned processes over shared memory.")
@@ -54,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    + f" (default {bench.DEFAULT_SCENARIO})")
     b.add_argument("--transport", default=",".join(bench.TRANSPORTS),
                    help=f"comma-separated subset of {','.join(bench.TRANSPORTS)} (default all)")
+    b.add_argument("--protocol", default=",".join(stun_scenario.PROTOCOLS),
+                   help="stun: comma-separated subset of "
+                   f"{','.join(stun_scenario.PROTOCOLS)} (default both)")
     b.add_argument("--cpus", metavar="LIST", help="CPUs to use, e.g. 0-3,8 (default all allowed)")
     b.add_argument("--duration", type=_duration, default=2.0, metavar="SECONDS",
                    help="measuring time of each entry (default 2)")
@@ -65,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the C cache-line ping-pong that measures the hardware floor")
     b.add_argument("--json", action="store_true", help="print result.json to stdout")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    st = sub.add_parser("stress", help="randomized transitions and injected faults; checks S1-S3 "
+                        "and liveness")
+    st.add_argument("--protocol", default="strict",
+                    help=f"comma-separated subset of {','.join(stun_scenario.ALL_PROTOCOLS)} "
+                    "(default strict; naive and the broken variants must show violations)")
+    length = st.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=_duration, metavar="SECONDS",
+                        help="run each protocol this long (default 10)")
+    length.add_argument("--transitions", type=_positive_int, metavar="N",
+                        help="run each protocol until its vCPUs made N transitions in all")
+    st.add_argument("--faults", default="", metavar="kill,stop,delay",
+                    help="inject these faults into one worker; the others must detect them")
+    st.add_argument("--workers", type=_positive_int, metavar="N",
+                    help="siblings per core (more than the core's CPUs oversubscribes them)")
+    st.add_argument("--seed", type=int, default=1, help="seed of the random walk (default 1)")
+    st.add_argument("--transport", default="spin", choices=bench.TRANSPORTS)
+    st.add_argument("--barrier", default="spin", choices=stun_scenario.BARRIERS)
+    st.add_argument("--no-delays", action="store_true",
+                    help="no injected sleeps and yields between protocol steps")
+    st.add_argument("--cpus", metavar="LIST", help="CPUs to use (default all allowed)")
+    st.add_argument("--topology", default="auto", metavar="auto|emulated[:K]")
+    st.add_argument("--out", default="runs", metavar="DIR")
+    st.add_argument("--json", action="store_true", help="print result.json to stdout")
+    st.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     r = sub.add_parser("report", help="print the table of a run directory")
     r.add_argument("run_dir")
@@ -91,34 +129,63 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _selected_topology(args: argparse.Namespace):
+    topo = read_topology()
+    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
+    return select_topology(topo, args.topology, cpus)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario not in bench.SCENARIOS:
         raise BadInput(f"scenario {args.scenario!r}", "is not one asirt knows",
                        f"choose from {', '.join(bench.SCENARIOS)}")
     opts = bench.Options(
         transports=tuple(bench.parse_choices(args.transport, bench.TRANSPORTS, "--transport")),
-        duration_s=args.duration, floor=not args.no_floor)
+        duration_s=args.duration, floor=not args.no_floor,
+        protocols=tuple(bench.parse_choices(args.protocol, stun_scenario.PROTOCOLS, "--protocol")))
     scenario = bench.SCENARIOS[args.scenario]
-    topo = read_topology()
-    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
-    topo = select_topology(topo, args.topology, cpus)
-    system = read_system(cpus=topo.allowed_cpus)
+    topo = _selected_topology(args)
     progress = bench.ProgressLine(scenario.count(topo, opts), quiet=args.quiet)
+    config = {"scenario": args.scenario, **dataclasses.asdict(opts)}
+    return _run(args, args.scenario, topo, config, scenario.run(topo, opts, progress))
+
+
+def cmd_stress(args: argparse.Namespace) -> int:
+    protocols = bench.parse_choices(args.protocol, stun_scenario.ALL_PROTOCOLS, "--protocol")
+    faults = tuple(bench.parse_choices(args.faults, stun_scenario.FAULTS, "--faults")
+                   if args.faults else ())
+    if args.transitions is None and args.duration is None:
+        args.duration = 10.0
+    topo = _selected_topology(args)
+    stun_scenario.plan_cores(topo, args.workers)      # refuses a topology with no siblings
+    progress = bench.ProgressLine(len(protocols), quiet=args.quiet)
+    config = {"scenario": "stress", "protocols": protocols, "duration_s": args.duration,
+              "transitions": args.transitions, "faults": list(faults), "workers": args.workers,
+              "seed": args.seed, "transport": args.transport, "barrier": args.barrier,
+              "delays": not args.no_delays}
+    runs = (stun_scenario.run_stress(
+        topo, p, transitions=args.transitions, duration_s=args.duration, seed=args.seed,
+        delays=not args.no_delays, faults=faults, progress=progress, transport=args.transport,
+        barrier=args.barrier, lanes_per_core=args.workers) for p in protocols)
+    return _run(args, "stress", topo, config, runs)
+
+
+def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
+         runs: Iterable[results.Entry]) -> int:
+    """Run the entries, write the run directory (also after Ctrl-C), print, choose the status."""
+    system = read_system(cpus=topo.allowed_cpus)
     from asirt.clock import calibrate
-    clock = calibrate()
-    run_id = results.new_run_id(args.scenario)
+    config = {**config, "topology": args.topology, "cpus": list(topo.allowed_cpus),
+              "clock": calibrate()._asdict()}
+    run_id = results.new_run_id(name)
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    config: dict[str, Any] = {
-        "scenario": args.scenario, **dataclasses.asdict(opts), "topology": args.topology,
-        "cpus": list(topo.allowed_cpus), "clock": clock._asdict(),
-    }
     if not args.quiet:
         for line in topo.warnings:
             print(f"WARNING: {line}", file=sys.stderr)
     entries: list[results.Entry] = []
     interrupted = False
     try:
-        for entry in scenario.run(topo, opts, progress):
+        for entry in runs:
             entries.append(entry)
     except KeyboardInterrupt:
         interrupted = True
@@ -138,11 +205,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"run directory: {run_dir}")
     if interrupted:
         return EXIT_INTERRUPTED
-    failed = [f for e in entries for f in e.failures]
-    if failed:
-        print(f"asirt: {len(failed)} worker failure(s): " + "; ".join(failed), file=sys.stderr)
-        return EXIT_CHECK
-    return EXIT_OK
+    problems = results.check_problems(entries)
+    for line in problems:
+        print(f"asirt: check failed: {line}", file=sys.stderr)
+    for e in entries:
+        if e.extra.get("safe_protocol") is False and not e.counters.get("violations"):
+            print(f"asirt: note: the unsafe protocol {e.strategy!r} showed no violation in this "
+                  "run; run longer or with delays to see the checkers catch it", file=sys.stderr)
+    return EXIT_CHECK if problems else EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -183,7 +253,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "report": cmd_report,
+COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "stress": cmd_stress,
+            "report": cmd_report,
             "compare": cmd_compare, "cleanup": cmd_cleanup}
 
 

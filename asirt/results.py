@@ -62,6 +62,22 @@ class Entry:
         }
 
 
+def check_problems(entries: list[Entry]) -> list[str]:
+    """Why a run must exit 1: a worker failed, a protocol that claims safety showed a violation
+    or a leak, or a stress run's own verdict (liveness, undetected fault) is negative."""
+    out = []
+    for e in entries:
+        where = f"{e.scenario} {e.strategy} {e.transport} cpus {','.join(map(str, e.cpus))}"
+        out += [f"{where}: {f}" for f in e.failures]
+        if e.extra.get("safe_protocol") and (e.counters.get("violations") or e.leaks):
+            out.append(f"{where}: {e.counters.get('violations', 0)} violations and "
+                       f"{len(e.leaks)} leaks under a protocol that claims safety")
+        elif e.extra.get("ok") is False:
+            out.append(f"{where}: the stress check failed (liveness {e.extra.get('liveness')}, "
+                       f"faults {e.extra.get('faults')})")
+    return out
+
+
 def host_info() -> dict[str, str]:
     model = ""
     try:
@@ -149,21 +165,35 @@ def _fmt_ns(v: Any) -> str:
     return f"{v:.0f}ns"
 
 
+#: counters worth a row of their own in the table
+TABLE_COUNTERS = ("transitions", "violations", "faults", "shootdowns_sent")
+
+
 def format_table(scenarios: list[dict[str, Any]]) -> str:
-    """A fixed-width table of every metric of every entry (from result.json's ``scenarios``)."""
+    """A fixed-width table of every metric of every entry (from result.json's ``scenarios``).
+
+    ``x ref`` is the entry's first metric's p50 over its reference's p50: the C cache-line
+    floor (pingpong, stun over spin) or the raw pingpong of the same transport (stun).
+    """
     head = ["scenario", "strategy", "transport", "cpus", "metric", "count", "p50", "p90", "p99",
-            "p99.9", "max", "x floor"]
+            "p99.9", "max", "x ref"]
     rows = []
     for s in scenarios:
-        ratio = s.get("floor", {}).get("ratio_p50")
-        for metric, m in s["metrics"].items():
-            rows.append([s["scenario"], s["strategy"], s["transport"],
-                         ",".join(map(str, s["cpus"])), metric, str(m["count"]),
+        where = [s["scenario"], s["strategy"], s["transport"], ",".join(map(str, s["cpus"]))]
+        ratio = (s.get("floor") or s.get("baseline") or {}).get("ratio_p50")
+        for i, (metric, m) in enumerate(s["metrics"].items()):
+            rows.append([*where, metric, str(m["count"]),
                          *(_fmt_ns(m[k]) for k in ("p50", "p90", "p99", "p999", "max")),
-                         "-" if ratio is None or metric != "roundtrip" else f"{ratio:.2f}"])
+                         f"{ratio:.2f}" if i == 0 and ratio is not None else "-"])
+        for name in TABLE_COUNTERS:
+            if name in s.get("counters", {}):
+                rows.append([*where, name, str(s["counters"][name]), *[""] * 6])
+        for f in s.get("faults", []):
+            seen = (f"detected in {f['detect_after_ms']} ms" if f.get("detected")
+                    else "NOT DETECTED")
+            rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", seen, *[""] * 6])
         for f in s.get("failures", []):
-            rows.append([s["scenario"], s["strategy"], s["transport"],
-                         ",".join(map(str, s["cpus"])), "FAILED", f, *[""] * 6])
+            rows.append([*where, "FAILED", f, *[""] * 6])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))

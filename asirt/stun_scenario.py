@@ -211,6 +211,7 @@ def run_stun(topo: Topology, protocols: Sequence[str], transports: Sequence[str]
             counters.update(viol)
             counters["violations"] = sum(viol.values())
             extra: dict[str, Any] = {
+                "safe_protocol": protocol in SAFE_PROTOCOLS,
                 "emulated": topo.emulated, "lanes": core_cpus, "barrier": barrier,
                 "oversubscribed": plan.oversubscribed, "check_cost": _check_cost(t),
                 "roundtrip_means": ("request -> every sibling parked and acked"
@@ -529,94 +530,12 @@ def run_coresched(topo: Topology, duration_s: float, seed: int = 0, enforce: boo
 def count_stun(topo: Topology, opts: Any) -> int:
     """Entries :func:`run_stun_scenario` yields (asirt.bench's Scenario.count)."""
     plan_cores(topo)
-    return len(PROTOCOLS) * len(opts.transports)
+    return len(opts.protocols) * len(opts.transports)
 
 
 def run_stun_scenario(topo: Topology, opts: Any, progress: Any = None) -> Iterator[Entry]:
     """asirt.bench's Scenario.run for ``stun``: both protocols over ``opts.transports``, each
     entry ``opts.duration_s`` long, with the baselines (C floor, raw pingpong) unless
     ``opts.floor`` is false."""
-    return run_stun(topo, PROTOCOLS, opts.transports, opts.duration_s, progress,
-                    baseline=bool(getattr(opts, "floor", True)))
-
-
-# -- the done criterion, runnable on its own ---------------------------------------------------
-
-class _Every:
-    """A progress line on stderr every ``period`` seconds (asirt.bench.ProgressLine's methods)."""
-
-    def __init__(self, period: float, label: str) -> None:
-        self.period, self.label, self.last = period, label, time.monotonic()
-
-    def start(self, label: str) -> None:
-        pass
-
-    def update(self, fraction: float, slots: np.ndarray) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.period:
-            self.last = now
-            import sys
-            print(f"  {self.label}: {fraction:6.1%}", file=sys.stderr, flush=True)
-
-    def done(self, summary: str) -> None:
-        pass
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m asirt.stun_scenario [--protocol strict,naive] [--transitions N | --duration S]
-    [--seed N] [--transport T] [--workers K] [--faults kill,stop,delay] [--no-delays] [--json]``
-
-    The issue's done criterion is ``python -m asirt.stun_scenario --transitions 10000000``:
-    strict and naive on the same seed; exit status 0 when strict shows no violation and
-    naive shows some, 1 otherwise.
-    """
-    import argparse
-    import json
-    import sys
-
-    from asirt.topology import read_topology, select_topology
-
-    ap = argparse.ArgumentParser(prog="python -m asirt.stun_scenario")
-    ap.add_argument("--protocol", default="strict,naive")
-    ap.add_argument("--transitions", type=int)
-    ap.add_argument("--duration", type=float)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--transport", default="spin", choices=TRANSPORTS)
-    ap.add_argument("--barrier", default="spin", choices=BARRIERS)
-    ap.add_argument("--workers", type=int, help="siblings per core (default: the core's CPUs)")
-    ap.add_argument("--faults", default="")
-    ap.add_argument("--no-delays", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    if args.transitions is None and args.duration is None:
-        args.transitions = STRESS_CI
-    topo = select_topology(read_topology(), "auto")
-    protocols = [p for p in args.protocol.split(",") if p]
-    faults = tuple(f for f in args.faults.split(",") if f)
-    entries = []
-    for protocol in protocols:
-        t0 = time.monotonic()
-        e = run_stress(topo, protocol, transitions=args.transitions, duration_s=args.duration,
-                       seed=args.seed, delays=not args.no_delays, faults=faults,
-                       transport=args.transport, barrier=args.barrier,
-                       lanes_per_core=args.workers, progress=_Every(10.0, protocol))
-        entries.append(e)
-        c = e.counters
-        print(f"{protocol:9s} {c['transitions']:>12,} transitions in {time.monotonic() - t0:7.1f}s"
-              f"  S1 {c['transition_s1'] + c['monitor_s1']:>8,}  S2 "
-              f"{c['transition_s2'] + c['monitor_s2']:>6,}  S3 {c['transition_s3']:>6,}  leaks "
-              f"{c['buffer_leaks']:>6,}  liveness {'ok' if not e.extra['liveness'] else 'FAILED'}"
-              f"  {'ok' if e.extra['ok'] else 'CHECK FAILED'}", file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
-    ok = all(e.extra["ok"] for e in entries)
-    by = {e.strategy: e for e in entries}
-    if "strict" in by and "naive" in by and by["naive"].counters["violations"] == 0:
-        print("naive showed no violation on this seed: the checkers did not fail when they "
-              "should have", file=sys.stderr)
-        ok = False
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run_stun(topo, opts.protocols, opts.transports, opts.duration_s, progress,
+                    baseline=opts.floor)

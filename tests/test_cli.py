@@ -209,3 +209,53 @@ def test_bench_asi_writes_every_metric(tmp_path):
                                      "fault_retry", "flush", "shootdown"}
     assert all(m["count"] > 0 for m in entry["metrics"].values())
     assert entry["counters"]["faults"] > 0 and entry["counters"]["flushes"] > 0
+
+
+@pytest.mark.multiprocess
+def test_bench_stun_both_protocols(tmp_path):
+    res = asirt("bench", "stun", "--duration", "0.5", "--transport", "spin", "--no-floor",
+                "--out", str(tmp_path), "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    by = {s["strategy"]: s for s in json.loads(res.stdout)["scenarios"]}
+    assert set(by) == {"strict", "naive"}
+    assert by["strict"]["metrics"]["stun_roundtrip"]["count"] > 0
+    assert by["strict"]["counters"]["violations"] == 0
+    assert "exposure_window" in by["naive"]["metrics"]
+
+
+@pytest.mark.multiprocess
+def test_stress_strict_is_clean_and_naive_is_caught_on_the_same_seed(tmp_path):
+    """The CLI form of the done criterion (README has the 10-million-transition command)."""
+    res = asirt("stress", "--protocol", "strict,naive", "--transitions", "50000", "--seed", "7",
+                "--out", str(tmp_path), "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    by = {s["strategy"]: s for s in json.loads(res.stdout)["scenarios"]}
+    assert by["strict"]["counters"]["transitions"] >= 50000
+    assert by["strict"]["counters"]["violations"] == 0 and by["strict"]["ok"]
+    assert by["naive"]["counters"]["violations"] > 0
+    assert by["naive"]["violations"], "violations are listed with time and source"
+
+
+@pytest.mark.multiprocess
+def test_stress_detects_a_killed_worker(tmp_path):
+    res = asirt("stress", "--duration", "2", "--faults", "kill", "--out", str(tmp_path),
+                "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(res.stdout)["scenarios"]
+    (fault,) = entry["faults"]
+    assert fault["detected"] and entry["failures"] == []
+
+
+def test_a_violation_under_a_safe_protocol_fails_the_run():
+    """The exit-status rule itself: it must fail on what it is there to catch."""
+    from asirt.results import Entry, check_problems
+    clean = Entry("stun", "strict", "spin", [0, 1], 1.0, counters={"violations": 0},
+                  extra={"safe_protocol": True})
+    assert check_problems([clean]) == []
+    bad = Entry("stun", "strict", "spin", [0, 1], 1.0, counters={"violations": 3},
+                extra={"safe_protocol": True})
+    unsafe = Entry("stun", "naive", "spin", [0, 1], 1.0, counters={"violations": 3},
+                   extra={"safe_protocol": False})
+    stalled = Entry("stress", "naive", "spin", [0, 1], 1.0, extra={"ok": False})
+    assert len(check_problems([bad, unsafe, stalled])) == 2
+    assert "claims safety" in check_problems([bad])[0]

@@ -2,7 +2,7 @@
 
 The first test is the CI version of the issue's done criterion: the same seeded workload,
 strict shows zero S1/S2 violations and naive shows some (the full 10-million-transition run
-is ``python -m asirt.stun_scenario --transitions 10000000``, see asirt/stun_scenario.py).
+is ``asirt stress --protocol strict,naive --transitions 10000000 --seed 1``, see README.md).
 """
 from __future__ import annotations
 
