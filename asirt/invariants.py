@@ -36,6 +36,7 @@ import time
 from typing import Any, Protocol
 
 from shm_layout import Region
+from shm_layout.region import pid_alive
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode
 from shm_layout.stun import (COUNTER, COUNTERS, EVENT_FIELDS, RING_ENTRIES, EventKind, Source)
@@ -79,23 +80,6 @@ class Fence:
     def __call__(self) -> None:
         self._post()
         self._wait()
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    return state not in (b"Z", b"X")
 
 
 class TransitionChecker:
@@ -368,5 +352,5 @@ def fenced_lanes(region: Region, slots: list[int]) -> int:
 
 
 __all__ = ["EventRing", "Fence", "TransitionChecker", "LeakSource", "uarch_hook", "Monitor",
-           "counters", "per_slot_counters", "events", "describe", "pid_alive",
+           "counters", "per_slot_counters", "events", "describe",
            "summarize_violations", "VIOLATION_KINDS", "LIVENESS_KINDS", "fenced_lanes"]

@@ -7,15 +7,17 @@ A worker that dies is reported by CPU and exit status; what the others recorded 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import psutil
@@ -73,6 +75,29 @@ class RunOutcome:
 Progress = Callable[[float, np.ndarray], None]   # (fraction done, slots view)
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Run a block that must not be torn half-way by Ctrl-C or SIGTERM; a signal that arrives
+    is noted and raised as KeyboardInterrupt (the CLI's cleanup path) once the block is done.
+
+    Python-level handlers, not a signal mask: numpy's BLAS threads leave the signals
+    unblocked, so the kernel may deliver them there and a mask on this thread holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield        # only the main thread receives Python signal handlers
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class _Children:
     """The kill-and-reap guard: every child spawned is killed and reaped on exit."""
 
@@ -83,9 +108,12 @@ class _Children:
     def spawn(self, argv: list[str]) -> subprocess.Popen:
         log = tempfile.TemporaryFile()
         self.logs.append(log)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                close_fds=True)
-        self.procs.append(proc)
+        # A Ctrl-C inside Popen (which waits for the exec) would leave a child we never
+        # learn about: take it only once the child is in our list.
+        with deferred_interrupts():
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    close_fds=True)
+            self.procs.append(proc)
         return proc
 
     def stderr_tail(self, i: int, lines: int = 3) -> str:
@@ -140,7 +168,8 @@ def _fill(region: Region, spec: RunSpec) -> None:
 
 def _worker_argv(region: Region, slot: int, ws: WorkerSpec) -> list[str]:
     return [sys.executable, "-m", "workers", "--cpu", str(ws.cpu), "--slot", str(slot),
-            "--region", region.name, "--role", ws.role, "--params", json.dumps(ws.params)]
+            "--region", region.name, "--role", ws.role, "--params", json.dumps(ws.params),
+            "--parent", str(os.getpid())]
 
 
 def _describe_exit(proc: subprocess.Popen) -> str:
@@ -217,17 +246,15 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
                 progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
             time.sleep(POLL_S)
     finally:
-        # Cleanup must finish even if a second Ctrl-C arrives: hold SIGINT/SIGTERM until the
-        # children are reaped and the region unlinked; a pending one is delivered afterwards.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            outcome = _stop_and_collect(region, spec, children, failures, reported,
-                                        time.monotonic() - started)
-        finally:
-            children.close()
-            region.close()
-            region.unlink()
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        # Cleanup must finish even if another Ctrl-C arrives: it is taken afterwards.
+        with deferred_interrupts():
+            try:
+                outcome = _stop_and_collect(region, spec, children, failures, reported,
+                                            time.monotonic() - started)
+            finally:
+                children.close()
+                region.close()
+                region.unlink()
     return outcome
 
 
@@ -238,6 +265,9 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
     w = region.words
     w[STOP_WORD] = 1
     region.set_state(RegionState.STOPPING)
+    start = region.semaphore("start")
+    for _ in spec.workers:      # a worker still waiting at the barrier wakes, sees stop, ends
+        start.release()
     deadline = time.monotonic() + STOP_GRACE_S
     for i, proc in enumerate(children.procs):
         try:

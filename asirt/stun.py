@@ -75,7 +75,8 @@ from typing import Callable
 
 import posix_ipc
 
-from asirt.invariants import EventRing, Fence, TransitionChecker, pid_alive
+from asirt.invariants import EventRing, Fence, TransitionChecker
+from shm_layout.region import pid_alive
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode

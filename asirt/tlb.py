@@ -24,7 +24,7 @@ import time
 from asirt.errors import AsirtError
 from asirt.pagetable import PageTables
 from shm_layout.asi import CPU_DTYPE, INST_DTYPE, MAX_ASI, TLB_ENTRIES, TLB_WORDS, word
-from shm_layout.region import Region
+from shm_layout.region import Region, pid_alive
 
 # An entry is two words: tag, then the leaf pte. The tag packs, from the top: a valid bit,
 # the PCID, an epoch (the low bits of seen[pcid] when it was filled) and the page number
@@ -236,14 +236,6 @@ class Shootdowns:
                     if time.monotonic() - start > SHOOTDOWN_TIMEOUT_S:
                         pid = q[rec + PID]
                         raise ShootdownTimeout(c, pcid, time.monotonic() - start, pid,
-                                               _alive(pid))
+                                               pid_alive(pid))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0

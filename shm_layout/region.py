@@ -292,14 +292,22 @@ class Leftover(NamedTuple):
     alive: bool
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a zombie has finished for good)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:   # another user's process: it exists
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def list_leftovers(dev_shm: str = DEV_SHM) -> list[Leftover]:
@@ -323,7 +331,7 @@ def list_leftovers(dev_shm: str = DEV_SHM) -> list[Leftover]:
         ipc_name = "/" + (entry[len("sem."):] if is_sem else entry)
         pid = int(m.group(2))
         out.append(Leftover(path, ipc_name, "semaphore" if is_sem else "segment", pid,
-                            _pid_alive(pid)))
+                            pid_alive(pid)))
     return out
 
 

@@ -101,3 +101,15 @@ def test_two_workers_on_one_cpu_do_not_live_lock(transport):
         metrics=["roundtrip"], duration_s=0.5, cores=[[0, 1]]))
     assert out.failures == []
     assert histogram.summarize(out.merged(0)).count > 10
+
+
+def test_deferred_interrupts_take_the_signal_after_the_block():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with orchestrator.deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)       # the handler has run by now: it must not have raised
+            done.append(True)
+    assert done == [True]
+    with orchestrator.deferred_interrupts():
+        pass                        # nothing caught: nothing raised

@@ -20,6 +20,7 @@ import posix_ipc
 import psutil
 
 from shm_layout import AsirtError, Region, WorkerState
+from shm_layout.header import STOP_WORD
 
 EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START = 3, 4, 5, 6
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -33,14 +34,14 @@ def pin(cpu: int) -> None:
         raise AsirtError(f"pinning to CPU {cpu} did not hold: affinity is {sorted(got)}")
 
 
-def die_with_parent() -> bool:
+def die_with_parent(parent: int) -> bool:
     """Ask the kernel to SIGKILL us when the orchestrator dies (Linux PR_SET_PDEATHSIG), so a
-    kill -9 of the CLI leaves no worker spinning. False if the parent is already gone."""
-    parent = os.getppid()
+    kill -9 of the CLI leaves no worker spinning. False if ``parent`` is already gone (we were
+    reparented before the request took effect)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    return parent != 1 and os.getppid() == parent
+    return os.getppid() == parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--region", required=True)
     ap.add_argument("--role", required=True)
     ap.add_argument("--params", default="{}")
+    ap.add_argument("--parent", type=int, default=None,
+                    help="pid of the orchestrator (default: our parent at start)")
     args = ap.parse_args(argv)
     # Ctrl-C reaches the whole foreground process group: the parent handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not die_with_parent():
+    if not die_with_parent(args.parent if args.parent is not None else os.getppid()):
         return EXIT_START
     try:
         pin(args.cpu)
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             w[state] = WorkerState.FAILED
             return EXIT_START
+        if w[STOP_WORD]:       # stopped before the run began (Ctrl-C during start-up)
+            w[state] = WorkerState.DONE
+            return 0
         w[state] = WorkerState.RUNNING
         program.run(ctx)
     except BaseException:  # report any failure in the slot, details on stderr

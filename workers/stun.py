@@ -142,22 +142,6 @@ def _bench(ctx: WorkerContext, cpu: StunCpu, barrier: Any) -> None:
     while not w[STOP_WORD]:
         if my_turn():
             cpu.safe_point()
-            if transport == "sem":
-                # idle requester, idle siblings: idle -> request -> HOST -> idle
-                t0 = now()
-                ok = cpu.request()
-                t1 = now()
-                if not ok:
-                    continue
-                cpu.enter_host()
-                if not strict:
-                    t1 = w[cpu.i_host_ns]     # naive: request -> HOST
-                rec_rt(t1 - t0)
-                cpu.leave_host()
-                cpu.flush()
-                cpu.release()
-                samples += 1
-                continue
             t0 = now()
             ok = cpu.request()
             t1 = now()
@@ -171,6 +155,8 @@ def _bench(ctx: WorkerContext, cpu: StunCpu, barrier: Any) -> None:
             cpu.flush()
             cpu.release()
             samples += 1
+            if transport == "sem":
+                continue     # idle requester, idle siblings: idle -> request -> HOST -> idle
             # Let the siblings get back into GUEST before the next request: a round trip
             # measures a guest being stunned, not a sibling caught half-way through resuming.
             if barrier.enter(gap_ns) == Result.OK:
