@@ -322,8 +322,6 @@ def test_bad_input_is_refused():
 @pytest.mark.requires_cpus(2)
 @pytest.mark.timeout(120)
 def test_baselines_and_the_bench_registry_adapter():
-    from types import SimpleNamespace
-
     from asirt.cfloor import compiler
     from asirt.stun_scenario import count_stun, run_stun_scenario
     topo = test_topology()
@@ -333,7 +331,8 @@ def test_baselines_and_the_bench_registry_adapter():
     if compiler() is not None:
         (e,) = run_stun(topo, ["strict"], ["spin"], 0.3, baseline=True)
         assert e.extra["baseline"]["kind"] == "c-floor" and e.extra["baseline"]["ratio_p50"] > 0
-    opts = SimpleNamespace(transports=("sem",), duration_s=0.3, floor=False)
+    from asirt.bench import Options
+    opts = Options(transports=("sem",), duration_s=0.3, floor=False)
     assert count_stun(topo, opts) == 2
     entries = list(run_stun_scenario(topo, opts))
     assert [(x.strategy, x.transport) for x in entries] == [("strict", "sem"), ("naive", "sem")]
