@@ -400,7 +400,9 @@ class StunCpu:
             w[self.i_park] = now()          # naive's exposure window reads it after the ack
         if dl:
             dl()
-        acked, gen, mine = self.acked, self.s_gen, self.my_ack_of   # H3: ack what is pending
+        # H3: ack what is pending -- ack_pending() written inline: a call here would be paid
+        # on every stun round trip.
+        acked, gen, mine = self.acked, self.s_gen, self.my_ack_of
         nack = 0
         for j in self.live_sibs:
             g = w[gen[j]]
