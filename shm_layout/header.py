@@ -11,7 +11,7 @@ import numpy as np
 
 MAGIC = int.from_bytes(b"ASIRTSHM", "little")
 LAYOUT_VERSION = 1
-MAX_SECTIONS = 16
+MAX_SECTIONS = 32   # base 4 + asi 7 + stun 4 = 15 today: room for the kvm scenario
 SECTION_NAME_LEN = 16
 
 
