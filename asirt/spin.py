@@ -36,13 +36,3 @@ def wait_slow(words: memoryview, idx: int, value: int, timeout_ns: int | None = 
         sched_yield()
     return True
 
-
-def wait_until(words: memoryview, idx: int, value: int, limit: int = SPIN_LIMIT,
-               timeout_ns: int | None = None) -> bool:
-    """Poll ``limit`` times, then :func:`wait_slow`. For paths where a call per wait is fine."""
-    n = 0
-    while words[idx] != value:
-        n += 1
-        if n >= limit:
-            return wait_slow(words, idx, value, timeout_ns)
-    return True
