@@ -367,6 +367,8 @@ class StunCpu:
     def safe_point(self) -> bool:
         """Handle pending stun requests [H1-H3, P1, P2]. True when this CPU parked (it is then
         back in ASI, or IDLE; a CPU that was in GUEST must run the barrier again)."""
+        # pending() inline: this runs at every safe point of the guest loop, nearly always
+        # to find nothing, so a call here would be paid on every poll.
         w, acked, gen = self.w, self.acked, self.s_gen
         for j in self.live_sibs:
             g = w[gen[j]]
