@@ -34,6 +34,7 @@ import posix_ipc
 
 from asirt.stun import HOST, IDLE, Phase, StunCpu, Wait, liveness, now
 from shm_layout import Region
+from shm_layout.region import sem_wait
 from shm_layout.header import STOP_WORD
 from shm_layout.stun import COUNTER, EventKind, Source
 
@@ -176,7 +177,7 @@ class CoreLock:
             timeout_s = cpu.cfg.ack_timeout_ns / 1e9
             while True:
                 try:
-                    sem.acquire(min(timeout_s, 0.01))
+                    sem_wait(sem, min(timeout_s, 0.01))
                     break
                 except posix_ipc.BusyError:
                     pass

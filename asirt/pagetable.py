@@ -24,7 +24,7 @@ import posix_ipc
 from asirt.errors import AsirtError, BadInput
 from asirt.memclass import DoubleFree, PoolExhausted
 from shm_layout.asi import GLOBAL_OWNER, PAGE_SIZE, PT_ENTRIES, PTMETA_DTYPE, u64_view, word
-from shm_layout.region import Region
+from shm_layout.region import Region, sem_wait
 
 PRESENT = 1 << 0
 WRITABLE = 1 << 1
@@ -154,7 +154,7 @@ class PageTables:
             if self.service is not None:
                 self.service()       # answer shootdowns while we wait (the holder may wait on us)
             try:
-                self.sem.acquire(0.0002 if self.service is not None else 0.01)
+                sem_wait(self.sem, 0.0002 if self.service is not None else 0.01)
                 return
             except posix_ipc.BusyError:
                 if time.monotonic() - start > LOCK_TIMEOUT_S:

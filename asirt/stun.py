@@ -76,7 +76,7 @@ from typing import Callable
 import posix_ipc
 
 from asirt.invariants import EventRing, Fence, TransitionChecker
-from shm_layout.region import pid_alive
+from shm_layout.region import pid_alive, sem_wait
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode
@@ -856,7 +856,7 @@ class StunCpu:
             if self._wake is None:
                 self._wake = self.region.semaphore(f"wake{self.slot}")
             try:
-                self._wake.acquire(timeout_ns / 1e9)
+                sem_wait(self._wake, timeout_ns / 1e9)
             except posix_ipc.BusyError:
                 pass
             self.ack_pending()

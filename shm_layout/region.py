@@ -234,6 +234,22 @@ class Region:
             self.unlink()
 
 
+def sem_wait(sem: posix_ipc.Semaphore, timeout_s: float | None) -> None:
+    """``sem.acquire(timeout_s)`` that a signal does not break.
+
+    posix_ipc raises SignalError when a handled signal (the signal transport's SIGUSR1)
+    interrupts the wait; this waits again for the time left. BusyError on timeout.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            sem.acquire(timeout_s)
+            return
+        except posix_ipc.SignalError:
+            if deadline is not None:
+                timeout_s = max(0.0, deadline - time.monotonic())
+
+
 def _unlink_quietly(fn, name: str) -> None:
     try:
         fn(name)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import posix_ipc
@@ -11,7 +14,7 @@ import pytest
 
 from shm_layout import (HEADER_DTYPE, LAYOUT_VERSION, SLOT_DTYPE, LayoutMismatch, Region,
                         RegionState, Section, SegmentMissing, list_leftovers, reclaim)
-from shm_layout.region import plan
+from shm_layout.region import plan, sem_wait
 from shm_layout.sections import ALIGN, CORE_DTYPE, HIST_DTYPE
 from tests.leakcheck import leftovers_since, snapshot
 
@@ -166,3 +169,45 @@ def test_numpy_views_match_word_index(region):
     hist[1][5] = 3
     assert region.words[region.word_index("hist", 1) + 5] == 3
     assert isinstance(hist, np.ndarray)
+
+
+def _pester(stop: threading.Event) -> None:
+    """Send SIGUSR1 to the main thread every millisecond, as a signal-transport peer would."""
+    main = threading.main_thread().ident
+    while not stop.wait(0.001):
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+
+@pytest.fixture
+def pestered():
+    hits = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: hits.append(1))
+    stop = threading.Event()
+    t = threading.Thread(target=_pester, args=(stop,))
+    t.start()
+    yield hits
+    stop.set()
+    t.join()
+    signal.signal(signal.SIGUSR1, old)
+
+
+def test_sem_wait_survives_signals(region, pestered):
+    """The CI failure: a peer's SIGUSR1 broke a worker's wait on the start barrier."""
+    sem = region.semaphore("start")
+    with pytest.raises(posix_ipc.SignalError):     # what a bare acquire does
+        while True:
+            try:
+                sem.acquire(0.05)
+            except posix_ipc.BusyError:
+                continue
+    threading.Timer(0.2, sem.release).start()
+    sem_wait(sem, 5.0)                              # interrupted many times, still acquires
+    assert len(pestered) > 10
+
+
+def test_sem_wait_still_times_out(region, pestered):
+    sem = region.semaphore("start")
+    t0 = time.monotonic()
+    with pytest.raises(posix_ipc.BusyError):
+        sem_wait(sem, 0.1)
+    assert 0.09 <= time.monotonic() - t0 < 2.0

@@ -21,6 +21,7 @@ import psutil
 
 from shm_layout import AsirtError, Region, WorkerState
 from shm_layout.header import STOP_WORD
+from shm_layout.region import sem_wait
 
 EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START = 3, 4, 5, 6
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(ctx)
         w[state] = WorkerState.READY
         try:
-            region.semaphore("start").acquire(START_TIMEOUT_S)
+            sem_wait(region.semaphore("start"), START_TIMEOUT_S)
         except posix_ipc.BusyError:
             print(f"worker cpu {args.cpu}: start barrier not released in {START_TIMEOUT_S}s",
                   file=sys.stderr)

@@ -22,6 +22,7 @@ import posix_ipc
 from asirt.histogram import recorder
 from asirt.spin import spin_limit, wait_slow
 from shm_layout.header import STOP_WORD
+from shm_layout.region import sem_wait
 from workers.context import WorkerContext
 
 PROGRESS_EVERY = 1024
@@ -130,7 +131,7 @@ def _pong_sem(ctx: WorkerContext) -> None:
     sem = ctx.region.semaphore(f"wake{ctx.slot}")
     while not w[STOP_WORD]:
         try:
-            sem.acquire(0.05)
+            sem_wait(sem, 0.05)
         except posix_ipc.BusyError:
             continue
         w[dst] = w[src]
