@@ -97,7 +97,7 @@ class SpinBarrier:
     def enter(self, max_wait_ns: int | None = None) -> Result:
         """Wait until the barrier holds, then enter GUEST. The CPU must be in ASI(d), d != 0."""
         cpu = self.cpu
-        w, dl = cpu.w, cpu.dl
+        dl = cpu.dl
         t0 = now()
         deadline = None if max_wait_ns is None else t0 + max_wait_ns
         while True:

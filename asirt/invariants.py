@@ -289,7 +289,7 @@ def events(region: Region, cpus: list[int] | None = None) -> list[dict[str, Any]
     ``cpus[slot]`` names the CPU of each slot in the output."""
     rings = region.array("stun_events")
     out = []
-    for slot, ring in enumerate(rings):
+    for ring in rings:
         head = int(ring["head"])
         for k in range(max(0, head - RING_ENTRIES), head):
             ev = ring["ev"][k % RING_ENTRIES]

@@ -91,7 +91,7 @@ def _plan(core_cpus: list[list[int]], params: dict[str, Any], monitor: bool,
             or slot > len(distinct))
     workers = []
     for k, cpus in enumerate(core_cpus):
-        for lane, cpu in enumerate(cpus):
+        for cpu in cpus:
             workers.append(WorkerSpec(cpu, "stun", {**params, "lanes": cores[k], "core": k,
                                                     "oversubscribed": over}))
     mon = None
