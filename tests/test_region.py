@@ -210,4 +210,4 @@ def test_sem_wait_still_times_out(region, pestered):
     t0 = time.monotonic()
     with pytest.raises(posix_ipc.BusyError):
         sem_wait(sem, 0.1)
-    assert 0.09 <= time.monotonic() - t0 < 2.0
+    assert 0.09 <= time.monotonic() - t0 < 10.0
