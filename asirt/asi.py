@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from asirt.errors import AsirtError, BadInput, CheckFailed
-from asirt.memclass import (CLASS_SHIFT, DoubleFree, Frames, MappingRefused, MemClass,
-                            PoolExhausted, describe)
-from asirt.pagetable import (NX, PRESENT, WRITABLE, CorruptEntry, PageTables, index, make_pte,
-                             pte_frame)
+from asirt.memclass import (CLASS_SHIFT, FRAME_BITS, OWNER_MASK, DoubleFree, Frames,
+                            MappingRefused, MemClass, PoolExhausted, describe)
+from asirt.pagetable import (LOCK_TIMEOUT_S, NX, PFN_MASK, PFN_SHIFT, PRESENT, WRITABLE,
+                             CorruptEntry, LockTimeout, PageTables, index, make_pte, pte_frame)
 from asirt.tlb import (EPOCH_MASK, EPOCH_SHIFT, INST_WORDS, PCID_SHIFT, VALID, Shootdowns, Tlb,
                        fence)
 from asirt.uarch import CoreBuffer
@@ -75,7 +76,6 @@ Hook = Callable[["Asi", int], None]     # (the CPU's Asi, instance)
 @dataclass(frozen=True)
 class AsiClass:
     id: AsiClassId
-    name: str
     protect: int          # taints that make asi_enter flush
     maps_local: bool      # whether the domain's local memory is mapped
     on_enter: Hook | None = None
@@ -84,9 +84,9 @@ class AsiClass:
 
 def default_classes() -> dict[int, AsiClass]:
     k = AsiClassId
-    return {k.KVM: AsiClass(k.KVM, "kvm", Taint.KERNEL | Taint.GUEST | Taint.OTHER, True),
-            k.KPTI: AsiClass(k.KPTI, "kpti", 0, True),
-            k.IDLE: AsiClass(k.IDLE, "idle", 0, False)}
+    return {k.KVM: AsiClass(k.KVM, Taint.KERNEL | Taint.GUEST | Taint.OTHER, True),
+            k.KPTI: AsiClass(k.KPTI, 0, True),
+            k.IDLE: AsiClass(k.IDLE, 0, False)}
 
 
 def frame_va(pfn: int, cls: int) -> int:
@@ -288,7 +288,12 @@ class Asi:
             return frame_va(pfn, cls) + offset
 
     def free_page(self, va: int) -> None:
-        """Unmap a frame everywhere, shoot down stale TLB entries, then free it."""
+        """Unmap a frame everywhere, shoot down stale TLB entries, then free it.
+
+        The lock is dropped for the shootdown wait; the frame is sealed before that, so no
+        object allocated meanwhile lands on it (it is unmapped, and about to be freed under the
+        object). A wait that times out leaves the frame sealed and allocated: lost, never reused
+        while a TLB may still hold it."""
         with self.pt:
             pte = self.pt.lookup(self.full_root, va)
             if not pte & PRESENT:
@@ -304,6 +309,7 @@ class Asi:
                     if self.pt.clear_pte(int(self.insts["root"][i]), va, i):
                         changed.append(i)
             self.pt.clear_pte(self.full_root, va, 0)
+            self.frames.seal(pfn)        # unmapped everywhere: alloc() must not pick it now
             targets = self.shootdowns.prepare(changed)
         self.shootdowns.wait(targets)
         with self.pt:                    # only now may the frame be reused
@@ -405,6 +411,8 @@ class Asi:
                 return
             life = int(rec["state"])
             rec["state"] = 0          # asi_enter checks state after storing current: Dekker
+                                      # (refcount stays 1 until the tree is gone: an entry
+                                      # seeing state 0 waits for the verdict, see _settled)
             fence()
             cpus = self.region.array("asi_cpu")
             busy = np.flatnonzero((cpus["online"] == 1) & ((cpus["current"] == inst)
@@ -456,14 +464,28 @@ class Asi:
             raise AsiStateError(inst, "is not a restricted instance")
         ib = self.ibase + inst * INST_WORDS
         q = self.q
-        if not q[ib + _I["state"]]:
-            raise AsiStateError(inst, "is not live")
+        life = q[ib + _I["state"]] or self._settled(inst, ib)
         k = self.classes[q[ib + _I["cls"]]]
-        info = _Entry(q[ib + _I["state"]], ib + _I["state"], q[ib + _I["root"]],
+        info = _Entry(life, ib + _I["state"], q[ib + _I["root"]],
                       q[ib + _I["domain"]], k, int(k.protect), k.on_enter, ib + _I["gen"],
                       self.tlb.seen + inst, VALID | inst << PCID_SHIFT)
         self._infos[inst] = info
         return info
+
+    def _settled(self, inst: int, ib: int) -> int:
+        """``inst``'s state word, read as 0: raise if the instance is gone; while an asi_destroy
+        on another CPU is deciding (it writes state 0 under the lock, then frees the tree and
+        zeroes refcount, or is refused and restores state), wait for its answer."""
+        q, sw, rw = self.q, ib + _I["state"], ib + _I["refcount"]
+        start = time.monotonic()
+        while not q[sw]:
+            if not q[rw]:
+                raise AsiStateError(inst, "is not live")
+            os.sched_yield()
+            if time.monotonic() - start > LOCK_TIMEOUT_S:
+                raise LockTimeout(f"page-table lock (asi_destroy({inst}) in progress)",
+                                  q[self.pt.lock_pid], time.monotonic() - start)
+        return q[sw]
 
     def asi_enter(self, inst: int) -> None:
         """Switch to instance ``inst``'s restricted tree (and make it the target)."""
@@ -548,7 +570,7 @@ class Asi:
             pte = self.tlb.translate(va)
             if not pte:
                 raise PageFault(va, cur)
-        pfn = (pte >> 12) & 0xFF_FFFF_FFFF
+        pfn = (pte >> PFN_SHIFT) & PFN_MASK
         token = self.q[self.fbase + pfn * _FRAME_WORDS + _TOKEN]
         if token:
             self._load(token)
@@ -560,7 +582,7 @@ class Asi:
         pte = self.tlb.translate(va)
         if not pte:
             return False
-        token = self.q[self.fbase + ((pte >> 12) & 0xFF_FFFF_FFFF) * _FRAME_WORDS + _TOKEN]
+        token = self.q[self.fbase + ((pte >> PFN_SHIFT) & PFN_MASK) * _FRAME_WORDS + _TOKEN]
         if token:
             self._load(token)
         return True
@@ -572,7 +594,7 @@ class Asi:
         if token >> CLASS_SHIFT == _SENSITIVE:
             q[self._taint] = t | _KERNEL
             return
-        owner = (token >> 32) & 0xFF_FFFF
+        owner = (token >> FRAME_BITS) & OWNER_MASK
         if not t & _GUEST:
             q[self._tdom] = owner
             q[self._taint] = t | _GUEST

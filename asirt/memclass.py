@@ -22,6 +22,8 @@ from shm_layout.region import Region
 OWNER_BITS = 24
 FRAME_BITS = 32
 CLASS_SHIFT = OWNER_BITS + FRAME_BITS
+OWNER_MASK = (1 << OWNER_BITS) - 1      # of ``token >> FRAME_BITS``
+FRAME_MASK = (1 << FRAME_BITS) - 1
 OBJECT_ALIGN = 8
 
 
@@ -50,11 +52,11 @@ def token_class(token: int) -> MemClass:
 
 
 def token_owner(token: int) -> int:
-    return (token >> FRAME_BITS) & ((1 << OWNER_BITS) - 1)
+    return (token >> FRAME_BITS) & OWNER_MASK
 
 
 def token_frame(token: int) -> int:
-    return token & ((1 << FRAME_BITS) - 1)
+    return token & FRAME_MASK
 
 
 class PoolExhausted(AsirtError):
@@ -164,6 +166,11 @@ class Frames:
         rec["owner"], rec["token"], rec["used"] = owner, make_token(cls, owner, pfn), used
         rec["cls"] = cls
         return pfn
+
+    def seal(self, pfn: int) -> None:
+        """Put no more objects on ``pfn`` (it is being freed): alloc_object skips a full frame.
+        Lets a caller drop the lock between unmapping a frame and freeing it."""
+        self.arr["used"][pfn] = PAGE_SIZE
 
     def free(self, pfn: int, address: int) -> None:
         if not 0 <= pfn < self.count:

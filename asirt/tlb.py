@@ -43,6 +43,8 @@ assert TLB_WORDS == 2 and TLB_ENTRIES & TLB_MASK == 0
 INST_WORDS = INST_DTYPE.itemsize // 8
 GEN = INST_DTYPE.fields["gen"][1] // 8
 CPU_WORDS = CPU_DTYPE.itemsize // 8
+SEEN_WORDS = CPU_DTYPE["seen"].itemsize // 8     # one per PCID
+assert SEEN_WORDS == MAX_ASI
 
 
 def _cpu_field(name: str) -> int:
@@ -114,7 +116,7 @@ class Tlb:
         q = self.q
         for i in range(self.base, self.base + TLB_ENTRIES * TLB_WORDS):
             q[i] = 0
-        for p in range(self.seen, self.base):     # seen[] ends where the entries begin
+        for p in range(self.seen, self.seen + SEEN_WORDS):
             q[p] = 0
         self.switch_full()
 

@@ -22,6 +22,7 @@ from shm_layout.sections import MAX_SIBLINGS
 
 _LANE_WORDS = LANE_DTYPE.itemsize // 8
 _LANES = UARCH_DTYPE.fields["lanes"][1] // 8
+_RING = LANE_DTYPE.fields["ring"][1] // 8
 _HEAD = LANE_DTYPE.fields["head"][1] // 8
 _FLUSHED = LANE_DTYPE.fields["flushed"][1] // 8
 _RING_MASK = UARCH_RING - 1
@@ -57,9 +58,10 @@ class CoreBuffer:
         if not 0 <= lane < self.nlanes:
             raise ValueError(f"lane {lane} of core {core}, which has {self.nlanes} lanes")
         self.lanes = [base + _LANES + s * _LANE_WORDS for s in range(self.nlanes)]
-        self.ring = self.lanes[lane]
-        self.head = self.ring + _HEAD
-        self.marks = self.ring + _FLUSHED
+        mine = self.lanes[lane]
+        self.ring = mine + _RING
+        self.head = mine + _HEAD
+        self.marks = mine + _FLUSHED
         l1d = int(self.q[word(region, "asi_uarch", core, "l1d_bytes")]) or DEFAULT_L1D
         self.l1d_bytes = l1d
         self._evict = np.zeros(l1d // 8, np.int64)   # one L1D of this process's own memory
@@ -87,7 +89,7 @@ class CoreBuffer:
             h = q[lane + _HEAD]
             lo = max(q[other + _FLUSHED + s] for other in self.lanes)
             for n in range(max(lo, h - UARCH_RING), h):
-                token = q[lane + (n & _RING_MASK)]
+                token = q[lane + _RING + (n & _RING_MASK)]
                 if token:
                     out.append(token)
         return out

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pickle
 import signal
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import asirt.asi
 from asirt.asi import (DMAP_BASE, Asi, AsiClassId, AsiStateError, InvariantViolation,
                        PageFault, Taint, frame_va)
 from asirt.errors import AsirtError, BadInput
@@ -102,6 +104,28 @@ def test_double_free_and_exhaustion_leave_the_region_consistent(kernel):  # noqa
     for v in vas:
         kernel.free_page(v)
     assert (kernel.frames.arr["cls"] == 0).all() and kernel.verify() == []
+
+
+def test_alloc_during_free_page_wait_uses_another_frame(kernel, monkeypatch):  # noqa: F811
+    """free_page drops the lock for the shootdown wait: an alloc() then must not pack its
+    object into the unmapped frame that is about to be freed under it."""
+    vm = kernel.asi_init(1, KVM)
+    page = kernel.alloc(100, MemClass.LOCAL, 1) & ~(4096 - 1)
+    got = []
+    real_wait = kernel.shootdowns.wait
+
+    def wait(targets):
+        got.append(kernel.alloc(100, MemClass.LOCAL, 1))   # another CPU, meanwhile
+        real_wait(targets)
+
+    monkeypatch.setattr(kernel.shootdowns, "wait", wait)
+    kernel.free_page(page)
+    (obj,) = got
+    assert obj & ~(4096 - 1) != page
+    assert kernel.pt.lookup(kernel.full_root, obj) & PRESENT and _maps(kernel, vm, obj)
+    assert not kernel.pt.lookup(kernel.full_root, page) & PRESENT
+    assert kernel.frames.cls_of(pte_frame(kernel.pt.lookup(kernel.full_root, obj))) \
+        == MemClass.LOCAL and kernel.verify() == []
 
 
 def test_table_exhaustion_mid_placement_rolls_back():
@@ -278,6 +302,58 @@ def test_a_reused_instance_slot_is_a_new_life(kernel, cpu0):  # noqa: F811
     assert b == a
     cpu0.asi_enter(b)                              # cached info of the old life is not used
     assert cpu0.words[cpu0._dom] == 2
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "destroyed"])
+def test_enter_during_destroy_waits_for_its_verdict(kernel, aregion, monkeypatch,  # noqa: F811
+                                                     refused):
+    """asi_destroy writes state 0 under the lock and restores it when refused: a CPU entering
+    meanwhile must wait, and enter if the instance survives, not call it dead."""
+    vm = kernel.asi_init(1, KVM)
+    with handles(aregion, 0, 1) as (c0, c1):
+        c1.asi_enter(vm)
+        c1.asi_relinquish()                        # c1 has the instance's entry cached
+        if refused:
+            c0.asi_enter(vm)                       # the destroy is refused: c0 is inside
+        waiting, outcome = threading.Event(), []
+        real_settled, real_fence = c1._settled, asirt.asi.fence
+
+        def settled(inst, ib):
+            waiting.set()                          # c1 saw state 0 mid-destroy
+            return real_settled(inst, ib)
+
+        def enter():
+            try:
+                c1.asi_enter(vm)
+                outcome.append(c1.current)
+            except AsiStateError as err:
+                outcome.append(err)
+
+        racer = threading.Thread(target=enter)
+
+        def fence():                               # asi_destroy's, right after state = 0
+            real_fence()
+            if threading.current_thread() is threading.main_thread() and not racer.ident:
+                racer.start()
+                assert waiting.wait(10), "c1 never saw the destroy in progress"
+
+        monkeypatch.setattr(c1, "_settled", settled)
+        monkeypatch.setattr(asirt.asi, "fence", fence)
+        try:
+            if refused:
+                with pytest.raises(AsiStateError, match=r"CPU slots \[0\] are in it"):
+                    kernel.asi_destroy(vm)
+            else:
+                kernel.asi_destroy(vm)
+        finally:
+            if racer.ident:
+                racer.join(30)
+        assert not racer.is_alive()
+        if refused:
+            assert outcome == [vm] and c1.target == vm
+        else:
+            assert len(outcome) == 1 and "not live" in str(outcome[0]) and c1.current == 0
+            assert kernel.find(1, KVM) is None
 
 
 def test_bad_instance_requests(kernel):  # noqa: F811

@@ -53,6 +53,19 @@ def test_frame_pool_exhaustion_and_double_free(aregion):  # noqa: F811
         frames.close()
 
 
+def test_a_sealed_frame_takes_no_more_objects(aregion):  # noqa: F811
+    frames = Frames(aregion)
+    try:
+        pfn, off, fresh = frames.alloc_object(100, MemClass.LOCAL, 1)
+        assert (off, fresh) == (0, True)
+        frames.seal(pfn)                           # being freed: unmapped, lock dropped
+        other, off, fresh = frames.alloc_object(100, MemClass.LOCAL, 1)
+        assert other != pfn and (off, fresh) == (0, True)
+        assert frames.cls_of(pfn) == MemClass.LOCAL    # still allocated until free()
+    finally:
+        frames.close()
+
+
 def test_errors_pickle_with_their_fields():
     for err in (PoolExhausted("frame", 8, "a global frame", "asi_frames"),
                 DoubleFree("frame", 3, 0x3000),
