@@ -6,6 +6,7 @@ orchestrator run (fresh region, fresh pinned workers) whose merged histograms be
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def pingpong_pairs(topo: Topology) -> list[Pair]:
     if len(cores) >= 2:
         pairs.append(Pair(cores[0][0], cores[1][0], "cross-core"))
     if not pairs:
-        raise BadInput("--cpus", f"the selected CPUs {list(topo.allowed_cpus)} form no pair",
+        raise BadInput("--cpus", f"the selected CPUs {list(topo.cpus)} form no pair",
                        "select at least two CPUs")
     return pairs
 
@@ -166,7 +167,7 @@ def run_pingpong(topo: Topology, opts: Options,
 
 
 def check_duration(duration: float) -> float:
-    if not duration > 0 or duration != duration or duration == float("inf"):
+    if not (math.isfinite(duration) and duration > 0):
         raise BadInput(f"--duration {duration}", "must be a positive, finite number of seconds",
                        "for example --duration 2")
     return duration
@@ -175,25 +176,30 @@ def check_duration(duration: float) -> float:
 def run_asi(topo: Topology, opts: Options,
             progress: ProgressLine | None = None) -> Iterator[Entry]:
     """One vCPU of one VM on every selected CPU, timing page walks, ASI switches and flushes."""
-    from asirt import asi_scenario
-    cpus = [c for core in topo.usable_cores for c in core]
+    from asirt import asi_scenario, uarch
+    cpus = list(topo.cpus)
     slot = {cpu: i for i, cpu in enumerate(cpus)}
     cores = [[slot[c] for c in core] for core in topo.usable_cores if core]
     params: dict = {}
     if progress:
         progress.start(f"asi cpus {','.join(map(str, cpus))}")
-    l1d = topo.l1d_bytes or 32 * 1024
+    l1d = topo.l1d_bytes     # None: sysfs does not say; 0 below makes uarch use its default
     out = orchestrator.run(RunSpec(
         workers=[WorkerSpec(cpu, "asi", params) for cpu in cpus],
         metrics=asi_scenario.METRICS, duration_s=opts.duration_s, cores=cores,
-        emulated=topo.emulated, l1d_bytes=l1d,
+        emulated=topo.emulated, l1d_bytes=l1d or 0,
         extra_sections=asi_scenario.sections(len(cpus), len(cores), params),
-        init=lambda region: asi_scenario.init(region, cores, l1d, params),
+        init=lambda region: asi_scenario.init(region, cores, l1d or 0, params),
         collect=asi_scenario.counters), progress.update if progress else None)
     hists = {m: out.merged(i) for i, m in enumerate(asi_scenario.METRICS)}
+    extra: dict = {"emulated": topo.emulated, "l1d_bytes": l1d, "l1d_assumed": not l1d}
+    if not l1d:
+        extra["warnings"] = [f"sysfs does not give the L1D size (no cache/index*/ of level 1, "
+                             f"type Data): flushes evict an assumed "
+                             f"{uarch.DEFAULT_L1D // 1024} KiB"]
     e = Entry("asi", "asi", "-", cpus, out.elapsed_s, hists=hists,
               counters=dict(out.collected or {}), failures=[str(f) for f in out.failures],
-              extra={"emulated": topo.emulated, "l1d_bytes": l1d})
+              extra=extra)
     if progress:
         progress.done("FAILED: " + "; ".join(e.failures) if e.failures else
                       "  ".join(f"{m} p50 {histogram.summarize(h).p50} ns"

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from asirt import histogram
+from asirt import histogram, spin
 from asirt.errors import FeatureMissing
 
 C_SOURCE = r"""
@@ -79,6 +79,10 @@ int main(int argc, char **argv) {
         while (scanf("%lld", &v) == 1) printf("%d\n", bucket(v));
         return 0;
     }
+    if (argc == 2 && strcmp(argv[1], "--spin-limit") == 0) {  /* what it was compiled with */
+        printf("%ld\n", (long)SPIN_LIMIT);
+        return 0;
+    }
     if (argc != 5) { fprintf(stderr, "usage: %s CPU_A CPU_B DURATION_NS OUT\n", argv[0]); return 2; }
     int a = atoi(argv[1]), b = atoi(argv[2]);
     int64_t duration = atoll(argv[3]);
@@ -134,7 +138,8 @@ class CFloor:
         with open(src, "w") as f:
             f.write(C_SOURCE)
         cmd = [cc, "-O2", "-pthread", f"-DSUB_BITS={histogram.SUB_BITS}",
-               f"-DNBUCKETS={histogram.NBUCKETS}", "-DSPIN_LIMIT=(1L<<20)", src, "-o", self.exe]
+               f"-DNBUCKETS={histogram.NBUCKETS}", f"-DSPIN_LIMIT={spin.SPIN_LIMIT}L", src,
+               "-o", self.exe]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             self.close()
@@ -157,6 +162,12 @@ class CFloor:
         res = subprocess.run([self.exe, "--selftest"], input="\n".join(map(str, values)),
                              capture_output=True, text=True, timeout=60, check=True)
         return [int(x) for x in res.stdout.split()]
+
+    def spin_limit(self) -> int:
+        """The polls before yielding the C program was compiled with (asirt.spin.SPIN_LIMIT)."""
+        res = subprocess.run([self.exe, "--spin-limit"], capture_output=True, text=True,
+                             timeout=60, check=True)
+        return int(res.stdout)
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     topo = select_topology(read_topology(args.sysfs_root), args.topology)
-    system = read_system(args.sysfs_root, topo.allowed_cpus)
+    system = read_system(args.sysfs_root, topo.cpus)
     if args.json:
         print(json.dumps({**topo.to_json(), "system": system.to_json()}, indent=2))
     else:
@@ -173,9 +173,10 @@ def cmd_stress(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
          runs: Iterable[results.Entry]) -> int:
     """Run the entries, write the run directory (also after Ctrl-C), print, choose the status."""
-    system = read_system(cpus=topo.allowed_cpus)
+    results.prepare_out_dir(args.out)   # refuse an unusable --out before anything runs
+    system = read_system(topo.sysfs_root, topo.cpus)
     from asirt.clock import calibrate
-    config = {**config, "topology": args.topology, "cpus": list(topo.allowed_cpus),
+    config = {**config, "topology": args.topology, "cpus": list(topo.cpus),
               "clock": calibrate()._asdict()}
     run_id = results.new_run_id(name)
     started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -200,7 +201,7 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
         print(json.dumps(result, indent=2))
     else:
         print(results.format_table(result["scenarios"]))
-        for line in system.warnings:
+        for line in (*system.warnings, *(w for e in entries for w in e.extra.get("warnings", ()))):
             print(f"WARNING: {line}")
         print(f"run directory: {run_dir}")
     if interrupted:
@@ -227,8 +228,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(results.format_table(result["scenarios"]))
     if args.plot:
         from asirt.plot import plot_run
-        for path in plot_run(args.run_dir):
-            print(f"wrote {path}")
+        for path in plot_run(args.run_dir):   # stdout holds only the report (JSON with --json)
+            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 

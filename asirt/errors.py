@@ -14,6 +14,8 @@ __all__ = ["AsirtError", "LayoutMismatch", "SegmentMissing", "BadInput", "Featur
 class BadInput(AsirtError):
     """A user-supplied value is wrong: names the input, what is wrong, and the fix."""
 
+    exit_code = 2
+
     def __init__(self, what: str, problem: str, fix: str = "") -> None:
         super().__init__(what, problem, fix)
         self.what, self.problem, self.fix = what, problem, fix
@@ -25,6 +27,8 @@ class BadInput(AsirtError):
 
 class FeatureMissing(AsirtError):
     """The host lacks something the requested mode needs (e.g. CONFIG_SCHED_CORE)."""
+
+    exit_code = 2
 
     def __init__(self, feature: str, detail: str, fix: str) -> None:
         super().__init__(feature, detail, fix)

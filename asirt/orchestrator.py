@@ -3,7 +3,9 @@
 Parent owns, children attach: the orchestrator creates the region and every semaphore and
 is the only one that unlinks them, on every exit path (normal end, exception, Ctrl-C or
 SIGTERM, a worker that crashes or is killed). Each child runs inside a kill-and-reap guard.
-A worker that dies is reported by CPU and exit status; what the others recorded is kept.
+A worker that dies, at start-up or during the run, is reported by CPU and exit status in
+the outcome's ``failures`` (so is one that never becomes ready); what the others recorded is
+kept.
 """
 from __future__ import annotations
 
@@ -183,7 +185,11 @@ def _describe_exit(proc: subprocess.Popen) -> str:
 
 
 def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
-    """Run the workers of ``spec`` for ``spec.duration_s`` seconds and collect their histograms."""
+    """Run the workers of ``spec`` for ``spec.duration_s`` seconds and collect their histograms.
+
+    Worker failures do not raise: they are in the outcome's ``failures`` (a start-up failure
+    means the run never started: ``elapsed_s`` 0, empty histograms).
+    """
     if spec.duration_s <= 0:
         raise AsirtError(f"duration must be positive, got {spec.duration_s}")
     reclaim()  # segments and semaphores of earlier runs whose creator died
@@ -191,7 +197,7 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
     region = Region.create(_sections(spec))
     failures: list[WorkerFailed] = []
     reported: set[int] = set()
-    started = time.monotonic()
+    started: float | None = None      # when the start barrier opened; None: it never did
     try:
         _fill(region, spec)
         start = region.semaphore("start")
@@ -214,43 +220,37 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
                     failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
                                                  children.stderr_tail(i)))
 
-        # Every worker pinned, attached and waiting on the barrier, or one failed.
+        # Every worker pinned, attached and waiting on the barrier, or one failed. A failure
+        # here ends the run like one during it (stop, collect, return it in the outcome), so
+        # the caller reports this entry as failed and keeps the others.
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while any(w[s] != WorkerState.READY for s in state_words):
+        while not failures and any(w[s] != WorkerState.READY for s in state_words):
             check_children()
-            if failures:
-                raise failures[0]
-            if time.monotonic() > deadline:
-                late = [spec.workers[i].cpu for i, s in enumerate(state_words)
-                        if w[s] != WorkerState.READY]
-                raise AsirtError(f"workers on CPUs {late} did not become ready in "
-                                 f"{STARTUP_TIMEOUT_S:.0f}s (is the machine overloaded?)")
-            time.sleep(0.01)
-
-        region.set_state(RegionState.RUNNING)
-        w[START_NS_WORD] = time.perf_counter_ns()
-        started = time.monotonic()
-        for _ in spec.workers:
-            start.release()
-        end = started + spec.duration_s
-        finishers = [i for i, ws in enumerate(spec.workers) if ws.role in spec.finish_when_done]
-        while True:
-            now = time.monotonic()
-            check_children()
-            if (failures and not spec.keep_going) or now >= end:
-                break
-            if finishers and all(w[state_words[i]] == WorkerState.DONE or i in reported
-                                 for i in finishers):
-                break
-            if progress is not None:
-                progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
-            time.sleep(POLL_S)
+            if not failures and time.monotonic() > deadline:
+                for i, s in enumerate(state_words):
+                    if w[s] != WorkerState.READY and i not in reported:
+                        reported.add(i)
+                        failures.append(WorkerFailed(
+                            spec.workers[i].cpu,
+                            f"did not become ready in {STARTUP_TIMEOUT_S:.0f}s",
+                            f"{_liveness(children.procs[i].pid)}; is the machine overloaded?"))
+            else:
+                time.sleep(0.01)
+        if not failures:
+            region.set_state(RegionState.RUNNING)
+            w[START_NS_WORD] = time.perf_counter_ns()
+            started = time.monotonic()
+            for _ in spec.workers:
+                start.release()
+            _supervise(spec, region, state_words, started, failures, reported, check_children,
+                       progress)
     finally:
         # Cleanup must finish even if another Ctrl-C arrives: it is taken afterwards.
         with deferred_interrupts():
             try:
-                outcome = _stop_and_collect(region, spec, children, failures, reported,
-                                            time.monotonic() - started)
+                elapsed = 0.0 if started is None else time.monotonic() - started
+                outcome = _stop_and_collect(region, spec, children, failures, reported, elapsed,
+                                            ran=started is not None)
             finally:
                 children.close()
                 region.close()
@@ -258,10 +258,35 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
     return outcome
 
 
+def _supervise(spec: RunSpec, region: Region, state_words: list[int], started: float,
+               failures: list[WorkerFailed], reported: set[int],
+               check_children: Callable[[], None], progress: Progress | None) -> None:
+    """Wait out the run: its duration, a failure (unless keep_going), or every finisher DONE."""
+    w = region.words
+    end = started + spec.duration_s
+    finishers = [i for i, ws in enumerate(spec.workers) if ws.role in spec.finish_when_done]
+    while True:
+        now = time.monotonic()
+        check_children()
+        if (failures and not spec.keep_going) or now >= end:
+            return
+        if finishers and all(w[state_words[i]] == WorkerState.DONE or i in reported
+                             for i in finishers):
+            return
+        if progress is not None:
+            progress(min(1.0, (now - started) / spec.duration_s), region.array("slots"))
+        time.sleep(POLL_S)
+
+
 def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
                       failures: list[WorkerFailed], reported: set[int],
-                      elapsed: float) -> RunOutcome:
-    """Ask every worker to stop, give them a grace period, kill the rest, copy results out."""
+                      elapsed: float, ran: bool = True) -> RunOutcome:
+    """Ask every worker to stop, give them a grace period, kill the rest, copy results out.
+
+    ``ran`` False: the start barrier never opened (a worker failed at start-up). Workers
+    still starting then end however the stop finds them (an attach after it is refused,
+    exit 5); that is our doing, not theirs, so only the failures seen before are reported.
+    """
     w = region.words
     w[STOP_WORD] = 1
     region.set_state(RegionState.STOPPING)
@@ -273,13 +298,13 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            if i not in reported:
+            if ran and i not in reported:
                 reported.add(i)
                 failures.append(WorkerFailed(spec.workers[i].cpu, "did not stop",
                                              _liveness(proc.pid)))
     children.kill_all()
     for i, proc in enumerate(children.procs):
-        if i not in reported and proc.returncode != 0:
+        if ran and i not in reported and proc.returncode != 0:
             reported.add(i)
             failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
                                          children.stderr_tail(i)))

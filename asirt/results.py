@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -114,18 +115,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
+_OUT_FIX = "pass a directory this user can create run directories in with --out"
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` if needed and prove a run directory can be made in it, so that an
+    unusable --out is refused before anything runs rather than after the benchmark.
+
+    The probe creates and removes an empty hidden directory: permission bits alone do not
+    tell (root ignores them; /proc and /sys refuse new entries whatever the mode says).
+    """
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"--out {out_dir}", f"cannot create it ({err.strerror or err})",
+                       _OUT_FIX) from err
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out_dir))
+    except OSError as err:
+        raise BadInput(f"--out {out_dir}", f"cannot create a run directory in it "
+                       f"({err.strerror or err})", _OUT_FIX) from err
+
+
 def write_run(out_dir: str, result: dict[str, Any], entries: list[Entry]) -> str:
     """Write the run directory ``out_dir/<run_id>`` atomically; returns its path."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
-        raise BadInput(f"--out {out_dir}", f"cannot create it ({err.strerror})",
-                       "pass a writable directory") from err
+        raise BadInput(f"--out {out_dir}", f"cannot create it ({err.strerror or err})",
+                       _OUT_FIX) from err
     final = os.path.join(out_dir, result["run_id"])
     if os.path.exists(final):
         raise BadInput(f"--out {out_dir}", f"{final} already exists", "pass another directory")
     tmp = os.path.join(out_dir, f".tmp-{result['run_id']}")
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as err:
+        raise BadInput(f"--out {out_dir}", f"cannot create a run directory in it "
+                       f"({err.strerror or err})", _OUT_FIX) from err
     try:
         for e in entries:
             for metric, counts in e.hists.items():

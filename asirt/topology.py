@@ -169,6 +169,11 @@ class Topology:
     warnings: tuple[str, ...] = field(default=())
 
     @property
+    def cpus(self) -> tuple[int, ...]:
+        """The CPUs a run measures: every CPU of usable_cores, sorted (--cpus narrows them)."""
+        return tuple(sorted(itertools.chain.from_iterable(self.usable_cores)))
+
+    @property
     def l1d_bytes(self) -> int | None:
         """L1D size of the first usable CPU (hybrid machines differ between core types)."""
         first = self.usable_cores[0][0] if self.usable_cores else None
@@ -193,7 +198,7 @@ class Topology:
             if cpu in core:
                 return core
         raise ValueError(f"CPU {cpu} is in no usable core "
-                         f"(usable CPUs: {format_cpu_list(itertools.chain(*self.usable_cores))})")
+                         f"(usable CPUs: {format_cpu_list(self.cpus)})")
 
     def to_json(self) -> dict:
         return {

@@ -11,7 +11,9 @@ from __future__ import annotations
 class AsirtError(Exception):
     """Base of every error asirt raises on purpose. ``exit_code`` is the CLI's status."""
 
-    exit_code = 2  # bad input, unless a subclass says otherwise
+    # 1: an internal error (a bug, or the host misbehaved) unless a subclass says it is bad
+    # input (2): BadInput, FeatureMissing, and a segment that is foreign, corrupt or missing.
+    exit_code = 1
 
     def __str__(self) -> str:  # subclasses override message()
         return self.message()
@@ -22,6 +24,8 @@ class AsirtError(Exception):
 
 class LayoutMismatch(AsirtError):
     """An attach found a segment whose header does not match what this build expects."""
+
+    exit_code = 2  # a foreign or corrupt segment named by the user: bad input
 
     def __init__(self, segment: str, what: str, expected: object, found: object) -> None:
         super().__init__(segment, what, expected, found)
@@ -35,6 +39,8 @@ class LayoutMismatch(AsirtError):
 
 
 class SegmentMissing(AsirtError):
+    exit_code = 2  # bad input: the name given does not exist
+
     def __init__(self, segment: str) -> None:
         super().__init__(segment)
         self.segment = segment

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from asirt import histogram
+from asirt import histogram, spin
 from asirt.cfloor import CFloor, compiler
 
 pytestmark = [pytest.mark.skipif(compiler() is None, reason="no C compiler"),
@@ -18,6 +18,11 @@ def test_c_buckets_like_python():
     values += list(np.random.default_rng(1).integers(0, 2**42, 500))
     with CFloor() as floor:
         assert floor.bucket(values) == [histogram.bucket_index(int(v)) for v in values]
+
+
+def test_c_spins_like_the_spin_transport():
+    with CFloor() as floor:
+        assert floor.spin_limit() == spin.SPIN_LIMIT
 
 
 @pytest.mark.multiprocess

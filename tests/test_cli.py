@@ -6,13 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
+from asirt import cli
 from asirt.cli import main
+from asirt.errors import AsirtError, BadInput, FeatureMissing, LayoutMismatch, SegmentMissing
+from asirt.topology import format_cpu_list, read_topology
 from shm_layout import list_leftovers
+from tests.sysfs import make_sysfs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,6 +51,83 @@ def test_bad_input_exits_2_and_names_the_input(args, needle, tmp_path, capsys):
     assert rc == 2
     assert needle in err
     assert os.listdir(tmp_path) == []          # nothing half-written
+
+
+@pytest.mark.parametrize("kind", ["file", "proc"])
+def test_unusable_out_is_refused_before_anything_runs(kind, tmp_path, capsys):
+    if kind == "file":
+        out = tmp_path / "a-file"
+        out.write_text("not a directory\n")
+    else:
+        out = "/proc/self"          # exists, but no directory can be made in it
+    before = sorted(os.listdir(tmp_path))
+    t0 = time.monotonic()
+    rc = main(["bench", "pingpong", "--duration", "30", "--no-floor", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"--out {out}" in err and "pass a directory" in err
+    assert time.monotonic() - t0 < 15, "the benchmark ran before --out was checked"
+    assert sorted(os.listdir(tmp_path)) == before       # nothing written
+
+
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+def test_cpus_narrows_the_system_report_and_config(tmp_path, monkeypatch, capsys):
+    """--cpus A,B: the config, the isolation and governor warnings name A,B only, not every
+    allowed CPU (a fake tree of the allowed CPUs plus two more, A,B isolated)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    a, b = allowed[:2]
+    extra = [allowed[-1] + 1, allowed[-1] + 2]
+    root = make_sysfs(tmp_path / "sys", [[c] for c in allowed + extra], governor="powersave",
+                      isolated=format_cpu_list([a, b]), nohz_full=format_cpu_list([a, b]))
+    monkeypatch.setattr(cli, "read_topology", lambda: read_topology(root))
+    out = tmp_path / "runs"
+    rc = main(["bench", "pingpong", "--cpus", f"{a},{b}", "--transport", "spin", "--no-floor",
+               "--duration", "0.2", "--out", str(out), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["config"]["cpus"] == [a, b]
+    assert {c for s in result["scenarios"] for c in s["cpus"]} == {a, b}
+    warnings = result["system"]["warnings"]
+    assert not any("isolated" in w or "nohz_full" in w for w in warnings), warnings
+    (gov,) = [w for w in warnings if "governor" in w]
+    assert f"CPUs {format_cpu_list([a, b])} is 'powersave'" in gov
+    assert sorted(result["system"]["governors"]) == sorted(map(str, (a, b)))
+
+
+@pytest.mark.multiprocess
+def test_asi_records_an_assumed_l1d_as_assumed(tmp_path, monkeypatch, capsys):
+    """No L1D size in sysfs: l1d_bytes is null (not uarch's default dressed up as read),
+    l1d_assumed is true and the run warns."""
+    allowed = sorted(os.sched_getaffinity(0))
+    root = make_sysfs(tmp_path / "sys", [[c] for c in allowed], l1d=None)
+    monkeypatch.setattr(cli, "read_topology", lambda: read_topology(root))
+    rc = main(["bench", "asi", "--duration", "0.3", "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "WARNING: sysfs does not give the L1D size" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (entry,) = json.loads((run_dir / "result.json").read_text())["scenarios"]
+    assert entry["l1d_bytes"] is None and entry["l1d_assumed"] is True
+    from asirt.uarch import DEFAULT_L1D
+    assert f"assumed {DEFAULT_L1D // 1024} KiB" in entry["warnings"][0]
+
+
+@pytest.mark.parametrize("error,code", [
+    (AsirtError("an internal error"), 1),
+    (BadInput("--thing", "is wrong", "fix it"), 2),
+    (FeatureMissing("a feature", "absent", "install it"), 2),
+    (SegmentMissing("/asirt-gone"), 2),
+    (LayoutMismatch("/asirt-x", "magic", 1, 2), 2),
+])
+def test_exit_code_of_each_error(error, code, monkeypatch, capsys):
+    """Only bad input exits 2; an internal error is not the user's fault."""
+    def fail(args):
+        raise error
+    monkeypatch.setitem(cli.COMMANDS, "cleanup", fail)
+    assert main(["cleanup"]) == code
+    assert capsys.readouterr().err == f"asirt: error: {error}\n"
 
 
 def test_argparse_errors_exit_2():
@@ -90,20 +172,42 @@ def test_bench_pingpong_writes_a_run_directory(tmp_path):
     from asirt import plot
     if plot.available():
         assert (run_dir / "roundtrip.png").stat().st_size > 0
+    rep = asirt("report", str(run_dir), "--json", "--plot")   # stdout is the JSON alone
+    assert rep.returncode == 0 and json.loads(rep.stdout) == result, rep.stdout
     cmp_ = asirt("compare", str(run_dir), str(run_dir))
     assert cmp_.returncode == 0 and cmp_.stdout.count("1.00") >= 2 * len(result["scenarios"])
 
 
 class LongBench:
     """A long ``asirt bench`` in a child process, its workers once they run, and a guard that
-    kills the whole process group if the test fails half-way."""
+    kills the whole process group if the test fails half-way. Its stderr is read line by line
+    as it comes (``wait_for_stderr``)."""
 
-    def __init__(self, out, transport: str = "spin") -> None:
+    def __init__(self, out, transport: str = "spin", duration: float = 20,
+                 args: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asirt", "bench", "--duration", "20", "--no-floor",
-             "--transport", transport, "--out", str(out)],
+            [sys.executable, "-m", "asirt", "bench", "--duration", str(duration), "--no-floor",
+             "--transport", transport, "--out", str(out), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.err_lines: list[str] = []
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
         self.workers = self._wait_for_workers(2)
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.err_lines.append(line)
+
+    def wait_for_stderr(self, prefix: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line.startswith(prefix) for line in list(self.err_lines)):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.close()
+        raise AssertionError(f"no stderr line starting {prefix!r}: {''.join(self.err_lines)}")
 
     def _wait_for_workers(self, n: int, timeout: float = 60) -> list[psutil.Process]:
         deadline = time.monotonic() + timeout
@@ -118,13 +222,18 @@ class LongBench:
 
     def finish(self) -> str:
         """Wait for the CLI to exit; its output (stderr, then stdout)."""
-        out, err = self.proc.communicate(timeout=60)
-        return f"{err}\n--- stdout:\n{out}"
+        self.proc.wait(timeout=60)
+        out = self.proc.stdout.read()
+        self._reader.join(timeout=10)
+        return f"{''.join(self.err_lines)}\n--- stdout:\n{out}"
 
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.communicate()
+            self.proc.wait()
+        self._reader.join(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
 
     def assert_nothing_left(self) -> None:
         # generous: under load a worker may still be starting Python when the CLI exits, and
@@ -137,8 +246,8 @@ class LongBench:
 def long_bench(tmp_path):
     runs = []
 
-    def start(transport: str = "spin") -> LongBench:
-        runs.append(LongBench(tmp_path, transport))
+    def start(transport: str = "spin", **kwargs) -> LongBench:
+        runs.append(LongBench(tmp_path, transport, **kwargs))
         return runs[-1]
     yield start
     for run in runs:
@@ -153,14 +262,20 @@ def _result(tmp_path, err: str = "") -> dict:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
 def test_ctrl_c_cleans_up_and_keeps_completed_entries(long_bench, tmp_path):
-    run = long_bench("spin,sem")
-    time.sleep(0.5)
+    a, b = sorted(os.sched_getaffinity(0))[:2]      # one pair: entry 1 spin, entry 2 sem
+    run = long_bench("spin,sem", duration=2, args=("--cpus", f"{a},{b}"))
+    run.wait_for_stderr("[2/2] sem")               # the spin entry is done, sem is starting
     os.killpg(run.proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does
     err = run.finish()
     assert run.proc.returncode == 130, err
     run.assert_nothing_left()
-    assert _result(tmp_path, err)["interrupted"] is True
+    result = _result(tmp_path, err)
+    assert result["interrupted"] is True
+    (kept,) = result["scenarios"]
+    assert kept["transport"] == "spin" and kept["cpus"] == [a, b], err
+    assert kept["metrics"]["roundtrip"]["count"] > 0 and not kept["failures"]
 
 
 @pytest.mark.multiprocess

@@ -45,10 +45,34 @@ def test_workers_are_pinned_where_asked():
 
 
 def test_unknown_program_fails_at_startup_by_cpu():
-    with pytest.raises(WorkerFailed) as info:
-        orchestrator.run(pair_spec("spin", role="no_such_program"))
-    assert "status 3" in str(info.value)
-    assert "No module named" in info.value.detail
+    """A start-up failure is reported in the outcome like one during the run (the caller keeps
+    its other entries), not raised."""
+    spec = pair_spec("spin", role="no_such_program")
+    out = orchestrator.run(spec)
+    assert out.failures and all(isinstance(f, WorkerFailed) for f in out.failures)
+    f = out.failures[0]
+    assert f.cpu in {ws.cpu for ws in spec.workers}
+    assert "status 3" in str(f) and "No module named" in f.detail
+    assert out.elapsed_s == 0 and out.merged(0).sum() == 0    # the run never started
+
+
+def test_unpinnable_cpu_is_reported_as_cannot_pin():
+    spec = pair_spec("spin")
+    bad = WorkerSpec(9999, spec.workers[1].role, spec.workers[1].params)
+    out = orchestrator.run(RunSpec(workers=[spec.workers[0], bad], metrics=spec.metrics,
+                                   duration_s=spec.duration_s, cores=spec.cores))
+    (f,) = out.failures
+    assert f.cpu == 9999 and "status 4" in f.status     # EXIT_PIN, not a traceback (status 1)
+    assert "cannot pin" in f.detail and "9999" in f.detail
+
+
+def test_startup_timeout_is_a_worker_failure(monkeypatch):
+    monkeypatch.setattr(orchestrator, "STARTUP_TIMEOUT_S", 0.01)
+    spec = pair_spec("spin")
+    out = orchestrator.run(spec)
+    assert {f.cpu for f in out.failures} == {ws.cpu for ws in spec.workers}
+    assert all("did not become ready" in f.status for f in out.failures)
+    assert out.elapsed_s == 0
 
 
 def test_killed_worker_is_reported_and_results_kept():

@@ -202,6 +202,21 @@ def test_online_cpu_without_topology_is_its_own_core(fake_sysfs, tmp_path) -> No
     assert read_topology(root).cores == ((0,), (1,))
 
 
+def test_cpus_are_the_selected_cpus(fake_sysfs) -> None:
+    """allowed_cpus is what the process may use; cpus is what a run measures (--cpus)."""
+    root = fake_sysfs("legacy_kernel")            # isolated and nohz_full: 1-3,5-7
+    topo = read_topology(root)
+    assert topo.cpus == topo.allowed_cpus == tuple(range(8))
+    sel = select_topology(topo, "auto", [1, 5])
+    assert sel.allowed_cpus == tuple(range(8)) and sel.cpus == (1, 5)
+    emu = select_topology(topo, "emulated", [0, 1, 4, 5])   # pseudo-cores (0,1),(4,5)
+    assert emu.cpus == (0, 1, 4, 5)
+    # the system report of the measured CPUs names only those
+    assert not any("isol" in w or "nohz" in w for w in read_system(root, sel.cpus).warnings)
+    assert any("measured CPUs 0,4 are not isolated" in w
+               for w in read_system(root, emu.cpus).warnings)
+
+
 # --- emulation ----------------------------------------------------------------------------
 
 def test_kvm_auto_falls_back_to_emulated(fake_sysfs) -> None:

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_START
     try:
         pin(args.cpu)
-    except (OSError, psutil.Error, AsirtError) as err:
+    # ValueError: psutil refuses a CPU number it does not know ("invalid CPU #9999"); OSError
+    # EINVAL: the kernel refuses an offline CPU or one outside the cpuset.
+    except (OSError, ValueError, psutil.Error, AsirtError) as err:
         print(f"worker cpu {args.cpu}: cannot pin: {err}", file=sys.stderr)
         return EXIT_PIN
     try:
