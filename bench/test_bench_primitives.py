@@ -10,25 +10,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from asirt import histogram, orchestrator
 from asirt.cfloor import CFloor, compiler
 from asirt.orchestrator import RunSpec, WorkerSpec
-from shm_layout import Region, Section
+from shm_layout.header import STOP_WORD
 
 CPUS = sorted(os.sched_getaffinity(0))
 RATIO_TARGET = float(os.environ.get("ASIRT_SPIN_FLOOR_RATIO", "2.5"))
-
-
-@pytest.fixture
-def region():
-    r = Region.create([Section("slots", 2), Section("cores", 1), Section("metrics", 1),
-                       Section("hist", 2)])
-    yield r
-    r.close()
-    r.unlink()
+#: how long the spin round trip may take in all; the ponger gives up on its own after it
+ROUND_TRIP_S = 90.0
 
 
 def test_slot_write_read(benchmark, region):
@@ -43,48 +37,72 @@ def test_slot_write_read(benchmark, region):
     benchmark(rounds)
 
 
+# Answers each ping until the parent sets STOP, or on its own after argv[2] seconds (the
+# parent died or hung); the clock is read only while there is nothing to answer.
 PONGER = """
-import os, sys
+import os, sys, time
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
 os.sched_setaffinity(0, {%d})
 r = Region.attach(sys.argv[1]); w = r.words
+end = time.monotonic() + float(sys.argv[2])
 src, dst = r.word_index('slots', 0, 'ping'), r.word_index('slots', 1, 'pong')
-print('ready', flush=True)
-last = 0
+w[r.word_index('slots', 1, 'progress')] = 1
+last = n = 0
 while not w[STOP_WORD]:
     v = w[src]
     if v != last:
         w[dst] = last = v
+    else:
+        n += 1
+        if n >= 4096:
+            n = 0
+            if time.monotonic() > end:
+                break
+r.close()
 """
 
 
 @pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
 def test_spin_round_trip(benchmark, region):
     """One spin round trip between this process (first CPU) and a child on the last CPU."""
+    deadline = time.monotonic() + ROUND_TRIP_S
+    w = region.words
     os.sched_setaffinity(0, {CPUS[0]})
-    child = subprocess.Popen([sys.executable, "-c", PONGER % CPUS[-1], region.name],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", PONGER % CPUS[-1], region.name,
+                              str(ROUND_TRIP_S)])
+
+    def check_child(what: str) -> None:
+        if child.poll() is not None:
+            pytest.fail(f"the ponger exited with status {child.returncode} {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no answer {what} within {ROUND_TRIP_S:.0f}s")
+
     try:
-        assert child.stdout.readline().strip() == "ready"
-        w = region.words
+        ready = region.word_index("slots", 1, "progress")
+        while w[ready] != 1:
+            check_child("before it was ready")
+            time.sleep(0.001)
         ping, pong = region.word_index("slots", 0, "ping"), region.word_index("slots", 1, "pong")
         seq = [0]
+        polls = range(4096)
 
         def round_trip():
             k = seq[0] = seq[0] + 1
             w[ping] = k
-            while w[pong] != k:
-                pass
+            while True:
+                for _ in polls:
+                    if w[pong] == k:
+                        return
+                check_child(f"to ping {k}")
         benchmark(round_trip)
     finally:
-        region.header["stop"] = 1
+        w[STOP_WORD] = 1
         try:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        child.stdout.close()
         os.sched_setaffinity(0, set(CPUS))
 
 

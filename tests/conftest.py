@@ -1,14 +1,23 @@
-"""Shared fixtures. Every test is checked for leftovers: no /asirt-* segment or semaphore
-and no child process may outlive it (the check itself is tested in test_leakcheck.py)."""
+"""Shared fixtures and hooks (bench/conftest.py reuses them). Every test is checked for
+leftovers: no /asirt-* segment or semaphore and no child process may outlive it
+(tests/leakcheck.py; the check itself is tested in test_region.py)."""
 from __future__ import annotations
 
 import os
 
-import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 from shm_layout import Region, Section
-from tests.leakcheck import leftovers_since, snapshot
+from tests.leakcheck import children_left, leftovers_since, snapshot
+
+# Property tests on a shared, loaded CI machine: no per-example deadline and no too_slow
+# health check (both measure wall time, so load alone fails them), the same examples on
+# every run (derandomize) and no example database written into the checkout. Explore with
+# random examples by hand: ``python -m pytest --hypothesis-profile=default``.
+settings.register_profile("asirt", deadline=None, derandomize=True, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("asirt")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -27,16 +36,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def no_leftovers():
     before = snapshot()
     yield
-    children = psutil.Process().children(recursive=True)
-    for c in children:
-        try:
-            c.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=5)
-    problems = leftovers_since(before)
-    if children:
-        problems.append(f"child processes outlived the test: {[c.pid for c in children]}")
+    problems = children_left()      # first: what a killed child created now counts too
+    problems += leftovers_since(before)
     assert not problems, "; ".join(problems)
 
 

@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import posix_ipc
+import psutil
 import pytest
 
 from shm_layout import (HEADER_DTYPE, LAYOUT_VERSION, SLOT_DTYPE, LayoutMismatch, Region,
                         RegionState, Section, SegmentMissing, list_leftovers, reclaim)
-from shm_layout.region import plan, sem_wait
+from shm_layout.region import DEV_SHM, plan, sem_wait
 from shm_layout.sections import ALIGN, CORE_DTYPE, HIST_DTYPE
-from tests.leakcheck import leftovers_since, snapshot
+from tests.leakcheck import children_left, leftovers_since, snapshot
 
 
 def test_layout_is_derived_from_dtypes():
@@ -147,6 +148,66 @@ def test_leak_checker_fails_on_a_leftover():
         r.close()
         r.unlink()
     assert leftovers_since(before) == []
+
+
+def test_leak_checker_fails_on_a_leftover_semaphore():
+    """A segment unlinked but one of its semaphores forgotten: the semaphore is named."""
+    before = snapshot()
+    r = Region.create([Section("slots", 1)])
+    r.semaphore("start")
+    r.close()
+    posix_ipc.unlink_shared_memory(r.name)
+    try:
+        problems = leftovers_since(before)
+        assert problems and f"sem.{r.name[1:]}-start" in problems[0]
+        assert f"{DEV_SHM}/{r.name[1:]}" not in problems[0]     # the segment is gone
+    finally:
+        r.unlink()
+    assert leftovers_since(before) == []
+
+
+def test_leak_checker_counts_what_a_dead_child_left():
+    """A child that created a segment and a semaphore and died without unlinking them."""
+    before = snapshot()
+    code = ("import os; from shm_layout import Region, Section; "
+            "r = Region.create([Section('slots', 1)]); r.semaphore('start'); "
+            "print(r.name, flush=True); os._exit(0)")
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split()[0]
+    try:
+        problems = leftovers_since(before)
+        assert problems and name[1:] in problems[0] and f"sem.{name[1:]}-start" in problems[0]
+    finally:
+        posix_ipc.unlink_semaphore(f"{name}-start")
+        posix_ipc.unlink_shared_memory(name)
+    assert leftovers_since(before) == []
+
+
+def test_leak_checker_fails_on_an_unreaped_child():
+    """A child still running at the end of a test is named, then killed and reaped."""
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        problems = children_left()
+        assert problems and str(p.pid) in problems[0] and "sleep 30" in problems[0], problems
+        assert children_left() == []                   # the first call reaped it
+    finally:
+        if p.poll() is None:                           # the checker failed to: do it here
+            p.kill()
+            p.wait()
+
+
+def test_leak_checker_fails_on_a_child_nobody_waited_for():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        problems = children_left()
+        assert problems and str(p.pid) in problems[0], problems
+        assert children_left() == []
+    finally:
+        p.wait()
 
 
 def test_create_failure_leaves_nothing(monkeypatch):

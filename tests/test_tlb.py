@@ -158,12 +158,41 @@ def test_a_cpu_that_never_answers_times_out(kernel, aregion, monkeypatch):  # no
     assert kernel.verify() == []                   # the unmap itself is complete
 
 
-def test_fence_survives_nesting():
-    tlb_mod._FENCES[0].acquire()                   # as if a handler interrupted a fence
+def _fence_with_held(held: int) -> BaseException | None:
+    """tlb.fence() with the first ``held`` fence locks taken, as if that many fences had been
+    interrupted by a handler: run in a thread, so that a fence that blocks instead of moving
+    on to the next lock fails here rather than hanging the test. Returns what it raised."""
+    locks = tlb_mod._FENCES
+    for lock in locks[:held]:
+        assert lock.acquire(False)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            tlb_mod.fence()
+        except BaseException as err:  # noqa: BLE001 - returned to the test
+            raised.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
     try:
-        tlb_mod.fence()
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"fence() blocked with {held} fence locks held"
     finally:
-        tlb_mod._FENCES[0].release()
+        for lock in locks[:held]:
+            lock.release()
+    assert not any(lock.locked() for lock in locks), "fence() left a lock taken"
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("held", [0, 1, 2, 3])
+def test_fence_survives_nesting(held):
+    assert _fence_with_held(held) is None
+
+
+def test_fence_nested_too_deep_fails_instead_of_blocking():
+    err = _fence_with_held(len(tlb_mod._FENCES))
+    assert isinstance(err, AssertionError) and "nested" in str(err)
 
 
 # -- across processes ---------------------------------------------------------------------
