@@ -8,7 +8,8 @@ The condition (model/stun.pml, B1-B4), for every sibling that is not fenced off:
   and the core buffer holds nothing d may not see (under ``noflush`` this is not checked).
 
 Two implementations, both measuring the time from the first check to the VM entry
-(``barrier_wait``):
+(``barrier_wait``: until the store of GUEST, without the transition-time assertion that
+follows it, whose cost is counted apart):
 
 - :class:`SpinBarrier` -- spin with bail-out: check; when a sibling blocks entry, bail out to
   the safe point (ack and park for any pending request) and wait, spinning then yielding,
@@ -32,7 +33,8 @@ from typing import Callable
 
 import posix_ipc
 
-from asirt.stun import HOST, IDLE, Phase, StunCpu, Wait, liveness, now
+from asirt.clock import now
+from asirt.stun import HOST, IDLE, Phase, StunCpu, Wait, liveness
 from shm_layout import Region
 from shm_layout.region import sem_wait
 from shm_layout.header import STOP_WORD
@@ -109,9 +111,9 @@ class SpinBarrier:
             if r == Result.OK:
                 if dl:
                     dl()
-                cpu.enter_guest()
+                t = cpu.enter_guest()
                 if self.rec is not None:
-                    self.rec(now() - t0)
+                    self.rec(t - t0)
                 return r
             if r == Result.DOMAIN:
                 return r
@@ -150,19 +152,47 @@ def wait_change(cpu: StunCpu, j: int, deadline: int | None, phase: Phase) -> Res
 # -- the Xen-style rendezvous ---------------------------------------------------------------
 
 def init_core(region: Region, core: int, nlanes: int) -> None:
-    """Parent, before workers start: core ``core``'s record and its lock (value 1)."""
+    """Parent, before workers start: core ``core``'s record, its lock (value 1) and the
+    lock's break token (value 1, see :class:`CoreLock`)."""
     region.semaphore(f"stuncore{core}", initial=1)
+    region.semaphore(f"stunbreak{core}", initial=1)
     region.array("stun_core")[core]["nlanes"] = nlanes
+
+
+#: how long a lock waiter blocks in the kernel before it answers stun requests again
+LOCK_POLL_S = 0.001
 
 
 class CoreLock:
     """Core ``k``'s lock: a POSIX semaphore, with the holder's pid in ``stun_core.lock_pid`` so
-    a waiter that times out can tell a dead holder (whose lock it then breaks) from a slow one."""
+    a waiter that times out can tell a dead holder from a slow one.
+
+    A waiter blocks on the semaphore ``LOCK_POLL_S`` at a time and acks pending stun requests
+    between waits (the lock is taken only in ASI or IDLE, where acking is the R2 wait's H1:
+    the VM-entry barrier re-checks every generation before GUEST), so a requester never waits
+    on a sibling that waits on the lock. Past the ack timeout it checks the holder's liveness.
+
+    A dead holder's lock is *taken over*, not released: the semaphore stays taken and the
+    waiter writes its own pid into ``lock_pid``. Only one waiter may do so -- with three lanes
+    or more, two waiters can see the same dead holder -- so the take-over runs under a second
+    semaphore, ``stunbreak<k>``: under it the waiter re-reads ``lock_pid`` and takes over only
+    if it still names the dead holder (the semaphore operations are full fences, so the next
+    waiter under it reads the new pid and keeps waiting).
+
+    Two windows stay open, both a SIGKILL between two Python statements: a holder that dies
+    after acquiring the semaphore but before writing ``lock_pid`` (or after clearing it but
+    before releasing) leaves ``lock_pid`` 0, which names no one to check, and a waiter that
+    dies holding ``stunbreak<k>`` blocks later take-overs. Either leaves the lock held for the
+    rest of the run: its waiters keep answering stun requests and end when the run stops.
+    A *stopped* holder is not broken here (it may resume inside its critical section); a
+    sibling's stun handshake kills and fences it (STONITH), after which it is dead.
+    """
 
     def __init__(self, cpu: StunCpu, core: int) -> None:
         self.cpu = cpu
         region = cpu.region
         self.sem = region.semaphore(f"stuncore{core}")
+        self.brk = region.semaphore(f"stunbreak{core}")
         self.i_pid = region.word_index("stun_core", core, "lock_pid")
         self.pid = os.getpid()
 
@@ -174,10 +204,11 @@ class CoreLock:
             sem.acquire(0)
         except posix_ipc.BusyError:
             start = now()
-            timeout_s = cpu.cfg.ack_timeout_ns / 1e9
+            ack_pending = cpu.ack_pending
             while True:
+                ack_pending()
                 try:
-                    sem_wait(sem, min(timeout_s, 0.01))
+                    sem_wait(sem, LOCK_POLL_S)
                     break
                 except posix_ipc.BusyError:
                     pass
@@ -186,15 +217,28 @@ class CoreLock:
                 if now() - start < cpu.cfg.ack_timeout_ns:
                     continue
                 holder = w[self.i_pid]
-                if holder and liveness(holder) == "dead":
-                    # The holder died inside its critical section: break the lock.
+                if holder and liveness(holder) == "dead" and self._take_over(holder):
                     cpu.ring.emit(EventKind.TIMEOUT, Source.LIVENESS, -1, Phase.LOCK,
                                   now() - start, holder)
-                    w[self.i_pid] = 0
-                    sem.release()
+                    break
                 start = now()
         w[self.i_pid] = self.pid
         return True
+
+    def _take_over(self, dead: int) -> bool:
+        """Become the holder of a lock whose holder ``dead`` died inside its critical section,
+        unless another waiter already did (see the class docstring)."""
+        try:
+            sem_wait(self.brk, LOCK_POLL_S)
+        except posix_ipc.BusyError:
+            return False              # another waiter is taking over: wait for the lock
+        try:
+            if self.cpu.w[self.i_pid] != dead:
+                return False
+            self.cpu.w[self.i_pid] = self.pid
+            return True
+        finally:
+            self.brk.release()
 
     def release(self) -> None:
         self.cpu.w[self.i_pid] = 0
@@ -282,9 +326,9 @@ class RendezvousBarrier:
             else:
                 r, j = check(cpu)
             if r == Result.OK:
-                cpu.enter_guest()
+                t = cpu.enter_guest()
                 if self.rec is not None:
-                    self.rec(now() - t0)
+                    self.rec(t - t0)
                 return r
             if r == Result.DOMAIN:
                 return r

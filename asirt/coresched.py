@@ -22,6 +22,8 @@ Four pieces:
   for the worker processes themselves where the kernel has CONFIG_SCHED_CORE and SMT. It
   fails with EINVAL when the kernel lacks CONFIG_SCHED_CORE (the option is unknown) and ENODEV
   when the machine has no SMT; both are reported as "not supported, continuing emulated".
+  The workers always schedule with the emulated :class:`CoreSched`; :func:`backend_report`
+  says so in result.json, next to whether this kernel could do it.
 """
 from __future__ import annotations
 
@@ -33,15 +35,16 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from asirt.barrier import CoreLock, Result
+from asirt.clock import now
 from asirt.errors import FeatureMissing
-from asirt.stun import Phase, StunCpu, Wait, now
+from asirt.stun import Phase, StunCpu, Wait
 from shm_layout.stun import COUNTER
 
 __all__ = ["PR_SCHED_CORE", "PR_SCHED_CORE_GET", "PR_SCHED_CORE_CREATE",
            "PR_SCHED_CORE_SHARE_TO", "PR_SCHED_CORE_SHARE_FROM", "SCOPE_THREAD",
            "SCOPE_THREAD_GROUP", "SCOPE_PROCESS_GROUP", "HOST_COOKIE", "cookies_match",
            "Task", "CookieTable", "CoreSched", "KernelCoreSched", "KernelSupport", "probe",
-           "RealCoreSched", "select_backend"]
+           "RealCoreSched", "backend_report"]
 
 # <linux/prctl.h>
 PR_SCHED_CORE = 62
@@ -355,10 +358,12 @@ class RealCoreSched:
         _prctl(PR_SCHED_CORE_SHARE_FROM, pid, SCOPE_THREAD, None)
 
 
-def select_backend(prefer_real: bool = True) -> tuple[str, str]:
-    """("real" | "emulated", a line saying why), for run configs and result.json."""
-    if not prefer_real:
-        return "emulated", "emulated core scheduling (asked for)"
+def backend_report() -> dict[str, str]:
+    """What result.json says about core scheduling: ``backend`` is what the workers use --
+    always the emulated :class:`CoreSched` -- and ``kernel_core_sched`` whether this kernel
+    could do it ("supported" or "not supported"), with the probe's reason in ``note``."""
     support = probe()
-    return ("real" if support.supported else "emulated"), support.message
+    return {"backend": "emulated",
+            "kernel_core_sched": "supported" if support.supported else "not supported",
+            "note": support.message}
 

@@ -19,15 +19,17 @@ protocol under randomized delays and asserts it is caught):
     Then each CPU's mode held over the whole interval between the two collects, so the modes
     read between them held at one common instant: no false positives.
 (c) Buffer sampling (``StunCpu.sample_leaks``, and an optional hook onto ``asirt.uarch``'s
-    core buffer where the region has one, :func:`uarch_hook`): a CPU in GUEST(d) looks at what
-    its core's buffer holds and counts every class d may not see as a leak.
+    core buffer for a region that has one, :func:`uarch_hook`; the stun scenarios' regions
+    have none): a CPU in GUEST(d) looks at what its core's buffer holds and counts every
+    class d may not see as a leak.
 
 Violations and liveness events are counted per worker (``stun_cpu.counters``) and written,
 timestamped, into the worker's event ring (``stun_events``); :func:`collect` reads them all
 back in the parent. A violation that involves a CPU some sibling has fenced off, or whose
 process is gone, is not counted: a dead CPU runs nothing.
 
-This module imports shm_layout and the standard library only; the stun engine passes itself in.
+This module imports shm_layout, asirt.clock and the standard library only; the stun engine
+passes itself in.
 """
 from __future__ import annotations
 
@@ -35,15 +37,17 @@ import os
 import time
 from typing import Any, Protocol
 
+from asirt.clock import now
 from shm_layout import Region
 from shm_layout.region import pid_alive
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode
 from shm_layout.stun import (COUNTER, COUNTERS, EVENT_FIELDS, RING_ENTRIES, EventKind, Source)
 
-now = time.perf_counter_ns
 _EV_WORDS = len(EVENT_FIELDS)
 HOST, ASI, GUEST = int(Mode.HOST), int(Mode.ASI), int(Mode.GUEST)
+#: reads of a sibling's seqlock before a checker gives up on a consistent (mode, domain)
+SEQLOCK_RETRIES = 16
 
 
 class EventRing:
@@ -105,17 +109,21 @@ class TransitionChecker:
         self.w[counter] += 1
         self.ring.emit(kind, Source.TRANSITION, cpu.slot_of[j], a, b, c)
 
-    def _consistent(self, j: int) -> tuple[int, int]:
+    def _consistent(self, j: int) -> tuple[int, int] | None:
         """Lane j's (mode, domain) read under its seqlock: a pair that held at one instant.
         Mode and domain are two words, so a plain read of both can tear (a sibling leaving
-        GUEST(2) for IDLE(0) can read as GUEST(0)); a suspected S2 is confirmed this way."""
+        GUEST(2) for IDLE(0) can read as GUEST(0)); a suspected S2 is confirmed this way.
+        None after ``SEQLOCK_RETRIES`` torn reads: a sibling stopped or killed half-way
+        through a transition keeps its seqlock odd forever, and this check must not wait for
+        it (the sampling monitor, which retries every round, covers that instant)."""
         cpu, w = self.cpu, self.w
         iq, im, idom = cpu.s_mseq[j], cpu.s_mode[j], cpu.s_dom[j]
-        while True:
+        for _ in range(SEQLOCK_RETRIES):
             s1 = w[iq]
             m, e = w[im], w[idom]
             if not s1 & 1 and w[iq] == s1:
                 return m, e
+        return None
 
     def _sibling_modes(self, want_guest: bool) -> None:
         """S1/S2 against every sibling; ``want_guest``: this CPU is in GUEST(dom)."""
@@ -127,7 +135,10 @@ class TransitionChecker:
                 if m == HOST:
                     self._report(EventKind.S1, j, cpu.mode, m, w[cpu.s_dom[j]])
                 elif (m == ASI or m == GUEST) and w[cpu.s_dom[j]] != d:
-                    m, e = self._consistent(j)
+                    pair = self._consistent(j)
+                    if pair is None:
+                        continue                 # never a consistent read: not reported
+                    m, e = pair
                     if (m == ASI or m == GUEST) and e != d:
                         self._report(EventKind.S2, j, cpu.mode, m, e)
             elif m == GUEST:
@@ -188,7 +199,7 @@ def uarch_hook(region: Region, core: int, lane: int) -> Any | None:
 class Monitor:
     """Checker (b): consistent snapshots of every core's modes, S1/S2 checked on each."""
 
-    MAX_RETRIES = 16
+    MAX_RETRIES = SEQLOCK_RETRIES
 
     def __init__(self, region: Region, slot: int, cores: list[list[int]]) -> None:
         self.w = region.words
@@ -235,8 +246,10 @@ class Monitor:
                     kind = None
                     if m[b] == HOST:
                         kind = EventKind.S1
-                    elif (m[b] == ASI or m[b] == GUEST) and d[b] != d[a]:
+                    elif m[b] == ASI and d[b] != d[a]:
                         kind = EventKind.S2
+                    elif m[b] == GUEST and d[b] != d[a] and b > a:
+                        kind = EventKind.S2      # two guests: one violation, found from a < b
                     if kind is None or not self._counts(a, b, fenced, pids):
                         continue
                     found += 1
@@ -342,15 +355,6 @@ def summarize_violations(totals: dict[str, int]) -> dict[str, int]:
     }
 
 
-def fenced_lanes(region: Region, slots: list[int]) -> int:
-    """Union of the lanes the CPUs of one core have fenced off."""
-    arr = region.array("stun_cpu")["fenced"]
-    mask = 0
-    for s in slots:
-        mask |= int(arr[s])
-    return mask
-
-
 __all__ = ["EventRing", "Fence", "TransitionChecker", "LeakSource", "uarch_hook", "Monitor",
            "counters", "per_slot_counters", "events", "describe",
-           "summarize_violations", "VIOLATION_KINDS", "LIVENESS_KINDS", "fenced_lanes"]
+           "summarize_violations", "VIOLATION_KINDS", "LIVENESS_KINDS"]

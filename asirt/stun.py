@@ -75,7 +75,9 @@ from typing import Callable
 
 import posix_ipc
 
+from asirt.clock import now
 from asirt.invariants import EventRing, Fence, TransitionChecker
+from asirt.spin import spin_limit
 from shm_layout.region import pid_alive, sem_wait
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
@@ -93,7 +95,6 @@ TRANSPORTS = ("spin", "signal", "sem")
 
 IDLE, HOST, ASI, GUEST, STUNNED = (int(m) for m in (Mode.IDLE, Mode.HOST, Mode.ASI, Mode.GUEST,
                                                     Mode.STUNNED))
-now = time.perf_counter_ns
 C_REQUESTS, C_ACKS, C_PARKS, C_CHECKS = (COUNTER[k] for k in ("requests", "acks", "parks", "checks"))
 
 
@@ -130,7 +131,6 @@ class StunConfig:
     check: bool = True                # transition-time assertions (asirt.invariants)
     check_fence: bool = False         # ... with a real fence before their loads
     classes: int = 3                  # deposit classes in use: host + domains 1..classes-1
-    flush_bytes: int = 0              # real cache-evicting work per flush (an L1D: l1d_bytes)
     stonith: bool = True              # kill a stopped sibling that does not answer, then fence it
 
     def __post_init__(self) -> None:
@@ -175,7 +175,7 @@ class StunCpu:
         self.barrier_on = cfg.protocol != "nobarrier"
         self.flush_on = cfg.protocol != "noflush"
         self.dl = delay
-        self.limit = 64 if cfg.oversubscribed else 1 << 14
+        self.limit = spin_limit(cfg.oversubscribed)
         # my words
         self.i_gen = wi("stun_cpu", slot, "gen")
         self.i_ack = wi("stun_cpu", slot, "ack")
@@ -230,7 +230,8 @@ class StunCpu:
                                           Fence(region, slot) if cfg.check_fence else None)
                         if cfg.check else None)
         self.leak_hook = leak_hook
-        self._evict = bytearray(cfg.flush_bytes) if cfg.flush_bytes else None
+        #: the hook's own flush (asirt.uarch.CoreBuffer.flush: clears it, evicts one L1D)
+        self._hook_flush: Callable[[], None] | None = getattr(leak_hook, "flush", None)
         self._deliver: Callable[[], None] | None = None
         self._wake = None
         self.steady = False        # signal transport: the handler may act (running guest / idle)
@@ -249,9 +250,6 @@ class StunCpu:
         w[self.cnt + COUNTER["transitions"]] = self.ntrans
         w[self.i_progress] = self.ntrans
         w[self.i_heartbeat] = now()
-
-    def stop_requested(self) -> bool:
-        return self.w[STOP_WORD] != 0
 
     def sibling_counts(self, j: int) -> bool:
         """Whether lane j still takes part (a violation involving it is real): not fenced off by
@@ -307,8 +305,8 @@ class StunCpu:
                 self.count("slow")
                 self.ring.emit(EventKind.TIMEOUT, Source.LIVENESS,
                                self.slot_of[j] if j >= 0 else -1, phase, t - start, 0)
-                if os.getppid() == 1:        # orphaned: the parent is gone
-                    return Wait.STOP
+                # An orphaned worker needs no check here: workers/__main__.py asks the kernel
+                # (PR_SET_PDEATHSIG) to SIGKILL it when the orchestrator dies.
             if t - start > self.cfg.give_up_ns:
                 self.ring.emit(EventKind.TIMEOUT, Source.LIVENESS,
                                self.slot_of[j] if j >= 0 else -1, phase, t - start, 0)
@@ -600,7 +598,9 @@ class StunCpu:
         self._set(ASI if self.dom else IDLE, self.dom)
 
     def flush(self) -> None:
-        """R6: flush the core buffer: record every lane's deposits as seen now."""
+        """R6: flush the core buffer: record every lane's deposits as seen now. This is the
+        bookkeeping of the flush only; the cache-evicting work of a real L1D flush is the
+        ASI model's (asirt.uarch.CoreBuffer.flush), done here too when the leak hook is one."""
         if not self.flush_on:
             return
         w = self.w
@@ -608,13 +608,8 @@ class StunCpu:
             marks, deps = self.my_marks[j], self.dep_of[j]
             for k in range(self.classes):
                 w[marks[k]] = w[deps[k]]
-        if self.leak_hook is not None and hasattr(self.leak_hook, "flush"):
-            self.leak_hook.flush()
-        if self._evict is not None:
-            ev = self._evict
-            for i in range(0, len(ev), 64):
-                ev[i] += 1
-                ev[i] &= 0xff
+        if self._hook_flush is not None:
+            self._hook_flush()
         w[self.cnt + COUNTER["flushes"]] += 1
 
     def release(self) -> None:
@@ -759,12 +754,16 @@ class StunCpu:
         self.steady = False
         return self.interrupted
 
-    def enter_guest(self) -> None:
-        """B4 (after a barrier said yes)."""
+    def enter_guest(self) -> int:
+        """B4 (after a barrier said yes). Returns the clock read just after the mode store,
+        before the transition-time assertion runs: where the barrier's wait ends (the
+        assertion's own cost is counted apart, in ``check_ns``)."""
         self._set(GUEST, self.dom)
+        t = now()
         self.w[self.cnt + COUNTER["guest_entries"]] += 1
         if self.checker is not None:
             self.checker.guest_entry()
+        return t
 
     def exit_guest(self) -> None:
         """An ordinary VM exit: GUEST -> ASI."""

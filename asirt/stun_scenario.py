@@ -4,8 +4,9 @@ Integration API (what the CLI calls):
 
 - :func:`run_stun` yields one :class:`asirt.results.Entry` per protocol x transport. Every
   sibling of every usable core takes part (all of them in one handshake when a core has more
-  than two); they take turns as the requester. Metrics: ``stun_roundtrip`` (strict: request ->
-  every sibling parked and acked; naive: request -> HOST, since naive does not wait),
+  than two); they take turns as the requester. Metrics: ``stun_roundtrip`` (request -> the
+  requester may enter HOST; strict: every sibling parked and acked, naive: the IPIs sent,
+  since naive does not wait),
   ``unstun_resume`` (release -> parked sibling back in ASI), ``barrier_wait`` (first barrier
   check -> GUEST) and, naive only, ``exposure_window`` (requester in HOST -> sibling actually
   parked, per request and sibling). Violations found by the checkers are counted.
@@ -34,7 +35,7 @@ from asirt.results import Entry
 from asirt.stun import ALL_PROTOCOLS, PROTOCOLS, SAFE_PROTOCOLS, TRANSPORTS, Phase, liveness
 from asirt.topology import Topology
 from shm_layout import Region, Section
-from shm_layout.sections import MAX_SIBLINGS
+from shm_layout.sections import MAX_SIBLINGS, WorkerState
 from shm_layout.stun import MAX_DOMAINS
 
 __all__ = ["PROTOCOLS", "ALL_PROTOCOLS", "SAFE_PROTOCOLS", "TRANSPORTS", "BARRIERS", "FAULTS",
@@ -64,7 +65,7 @@ def plan_cores(topo: Topology, lanes_per_core: int | None = None) -> list[list[i
     core's CPUs cycled to ``lanes_per_core`` lanes (more workers than CPUs: oversubscribed)."""
     cores = [list(c) for c in topo.usable_cores if len(c) >= 2]
     if not cores:
-        raise BadInput("--cpus", f"the selected CPUs {list(topo.allowed_cpus)} form no core "
+        raise BadInput("--cpus", f"the selected CPUs {list(topo.cpus)} form no core "
                        "with two siblings", "select at least two CPUs (they are grouped into "
                        "emulated siblings when the machine has no SMT)")
     if lanes_per_core is not None:
@@ -127,19 +128,12 @@ def _init(plan: _Plan, check_fence: bool, holder: dict[str, Any]):
 def _collect(region: Region) -> dict[str, Any]:
     cpus = [int(c) for c in region.array("slots")["cpu"]]
     return {
+        "totals": invariants.counters(region),
         "counters": invariants.per_slot_counters(region),
         "events": invariants.events(region, cpus),
         "fenced": [int(x) for x in region.array("stun_cpu")["fenced"]],
         "rv_rounds": [int(x) for x in region.array("stun_core")["rv_rounds"]],
     }
-
-
-def _totals(per_slot: list[dict[str, int]], slots: Sequence[int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in slots:
-        for k, v in per_slot[s].items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def _violations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,7 +196,7 @@ def run_stun(topo: Topology, protocols: Sequence[str], transports: Sequence[str]
             hists = {m: out.merged(i, vslots) for i, m in enumerate(METRICS)
                      if m != "exposure_window" or protocol == "naive"}
             col = out.collected
-            t = _totals(col["counters"], range(len(plan.workers)))
+            t = col["totals"]
             viol = invariants.summarize_violations(t)
             counters = {k: t[k] for k in ("requests", "acks", "parks", "ipis", "aborts",
                                           "timeouts", "fenced", "guest_entries",
@@ -214,9 +208,10 @@ def run_stun(topo: Topology, protocols: Sequence[str], transports: Sequence[str]
                 "safe_protocol": protocol in SAFE_PROTOCOLS,
                 "emulated": topo.emulated, "lanes": core_cpus, "barrier": barrier,
                 "oversubscribed": plan.oversubscribed, "check_cost": _check_cost(t),
-                "roundtrip_means": ("request -> every sibling parked and acked"
+                "roundtrip_means": ("request -> may enter HOST: every sibling parked and acked"
                                     if protocol != "naive" else
-                                    "request -> HOST (naive does not wait for acks)"),
+                                    "request -> may enter HOST: IPIs sent (naive does not "
+                                    "wait for acks)"),
             }
             if transport in base_p50:
                 b = base_p50[transport]
@@ -256,6 +251,8 @@ def _baselines(pair: list[int], transports: Sequence[str], duration_s: float) ->
         res = orchestrator.run(spec)
         out[t] = {"kind": f"pingpong-{t}", "cpus": [a, b],
                   "p50_ns": histogram.summarize(res.merged(0)).p50}
+        if res.failures:        # no reference then; say why instead of a bare null
+            out[t]["skipped"] = "; ".join(str(f) for f in res.failures)
     return out
 
 
@@ -323,12 +320,10 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     if progress is not None:
         progress.start(f"stress {protocol} {transport} cpus {','.join(map(str, cpus))}"
                        f" seed {seed}")
-    t0 = time.monotonic()
     out = orchestrator.run(spec, watch.update)
-    elapsed = time.monotonic() - t0
     col = out.collected
     vslots = [s for core in plan.cores for s in core]
-    t = _totals(col["counters"], range(len(plan.workers)))
+    t = col["totals"]
     viol = invariants.summarize_violations(t)
     events = col["events"]
     liveness_problems = watch.finish(out, col)
@@ -352,8 +347,10 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         "seed": seed, "delays": delays, "delay_params": delay_params or {},
         "barrier": barrier, "ndomains": ndomains, "emulated": topo.emulated,
         "lanes": core_cpus, "oversubscribed": plan.oversubscribed,
-        "transitions_target": transitions, "transitions_per_s": round(t["transitions"] / elapsed)
-        if elapsed > 0 else None,
+        # out.elapsed_s: start barrier -> stop request, without spawning and teardown
+        "transitions_target": transitions,
+        "transitions_per_s": (round(t["transitions"] / out.elapsed_s) if out.elapsed_s > 0
+                              else None),
         "check_cost": _check_cost(t),
         "monitor": {"samples": t["m_samples"], "retries": t["m_retries"],
                     "mean_ns": round(t["m_ns"] / t["m_samples"], 1) if t["m_samples"] else None},
@@ -406,7 +403,8 @@ class _Watch:
                 self.last[s] = (p, now)
             elif now - prev[1] > self.stall_s and s not in self.stalls:
                 pid = int(slots["pid"][s])
-                if (s != self.victim and liveness(pid) == "alive" and int(slots["state"][s]) == 3
+                if (s != self.victim and liveness(pid) == "alive"
+                        and int(slots["state"][s]) == WorkerState.RUNNING
                         and not self._finished(s)):
                     self.stalls[s] = now - prev[1]
         if self.victim is not None and not self.injected and (
@@ -511,20 +509,19 @@ def run_coresched(topo: Topology, duration_s: float, seed: int = 0, enforce: boo
                    init=_init(plan, False, holder), collect=_collect)
     out = orchestrator.run(spec)
     col = out.collected
-    t = _totals(col["counters"], range(len(plan.workers)))
+    t = col["totals"]
     viol = invariants.summarize_violations(t)
     counters = {"tasks": int(sum(out.slots["samples"][s] for c in plan.cores for s in c)),
                 "forced_idle": t["forced_idle"], "forced_idle_ns": t["forced_idle_ns"],
                 "m_samples": t["m_samples"], **viol, "violations": sum(viol.values())}
     vslots = [s for core in plan.cores for s in core]
     cpus = [c for core in core_cpus for c in core]
-    from asirt.coresched import select_backend
-    backend, note = select_backend()
+    from asirt.coresched import backend_report
     return Entry("coresched", "enforced" if enforce else "none", "-", cpus, out.elapsed_s,
                  hists={"forced_idle": out.merged(0, vslots)}, counters=counters,
                  violations=_violations(col["events"]), failures=[str(f) for f in out.failures],
                  extra={"seed": seed, "cookies": list(cookies), "emulated": topo.emulated,
-                        "kernel_core_sched": {"backend": backend, "note": note}})
+                        "core_sched": backend_report()})
 
 
 def count_stun(topo: Topology, opts: Any) -> int:

@@ -1,12 +1,14 @@
 """The VM-entry barrier: its condition, the spin-with-bail-out wait, the Xen-style rendezvous."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from asirt import histogram
-from asirt.barrier import RendezvousBarrier, Result, SpinBarrier, check, make_barrier
+from asirt import barrier as barrier_mod
+from asirt import histogram, invariants
+from asirt.barrier import CoreLock, RendezvousBarrier, Result, SpinBarrier, check, make_barrier
 from asirt.stun import ASI, GUEST, HOST, IDLE, STUNNED, StunConfig
 from asirt.stun_scenario import run_stress, run_stun
 from shm_layout.stun import COUNTER
@@ -145,6 +147,24 @@ def test_rendezvous_waiter_answers_a_stun_request():
         assert entry.result() == Result.OK
 
 
+@pytest.mark.parametrize("name", ["spin", "rendezvous"])
+def test_barrier_wait_ends_at_the_guest_store_not_after_the_assertion(name):
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        a._set(HOST, 0)
+        a._set(IDLE, 0)                          # an idle sibling: neither barrier waits
+        a.flush()
+        checked = b.checker.guest_entry
+
+        def slow_check():                        # the assertion after the store: 50 ms
+            time.sleep(0.05)
+            checked()
+        b.checker.guest_entry = slow_check
+        waits = []
+        assert make_barrier(name, b, 0, waits.append).enter(1_000_000_000) == Result.OK
+        assert len(waits) == 1 and waits[0] < 50_000_000
+
+
 def test_make_barrier_names():
     with stun_region(2) as r:
         a, _ = cpus(r, 2)
@@ -152,6 +172,67 @@ def test_make_barrier_names():
         assert make_barrier("rendezvous", a, 0).name == "rendezvous"
         with pytest.raises(ValueError, match="choose from"):
             make_barrier("ticket", a, 0)
+
+
+# -- the core lock ------------------------------------------------------------------------------
+
+def test_core_lock_waiter_answers_stun_requests():
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        held = CoreLock(a, 0)
+        assert held.acquire()
+        waiter = Background(CoreLock(b, 0).acquire)
+        try:
+            time.sleep(0.02)
+            assert not waiter.done
+            t0 = time.monotonic()
+            granted = a.request()                # b acks from inside its wait for the lock
+            waited = time.monotonic() - t0
+            if granted:
+                a.release()
+        finally:
+            held.release()
+        assert waiter.result() is True
+        assert granted is True and waited < 1.0 and counter(b, "acks") == 1
+
+
+def test_only_one_waiter_takes_over_a_dead_holders_lock(monkeypatch):
+    dead = 1 << 30                               # the holder's pid; "dead" below
+    both_saw_it = threading.Barrier(2, timeout=2)
+
+    def liveness(pid):
+        if pid != dead:
+            return "alive"
+        try:
+            both_saw_it.wait()                   # both waiters read the dead holder first
+        except threading.BrokenBarrierError:
+            pass
+        return "dead"
+    monkeypatch.setattr(barrier_mod, "liveness", liveness)
+    with stun_region(3) as r:
+        _, b, c = cpus(r, 3)
+        r.semaphore("stuncore0").acquire(0)      # taken by `dead`, which died holding it
+        r.words[r.word_index("stun_core", 0, "lock_pid")] = dead
+        inside, most = [0], [0]
+        guard = threading.Lock()
+
+        def critical(cpu):
+            lock = CoreLock(cpu, 0)
+            if not lock.acquire():
+                return False
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.1)
+            with guard:
+                inside[0] -= 1
+            lock.release()
+            return True
+        waiters = [Background(lambda cpu=cpu: critical(cpu)) for cpu in (b, c)]
+        assert [w.result() for w in waiters] == [True, True]
+        assert most[0] == 1, "two waiters broke the same dead holder's lock"
+        kinds = [e for e in invariants.events(r) if e["kind"] == "TIMEOUT" and e["detail"] == dead]
+        assert len(kinds) == 1
 
 
 # -- between pinned workers --------------------------------------------------------------------

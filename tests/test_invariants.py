@@ -47,6 +47,25 @@ def test_monitor_finds_s1_and_s2_and_nothing_else():
         assert kinds == [("S1", "monitor"), ("S2", "monitor")]
 
 
+def test_monitor_counts_two_guests_of_different_domains_once():
+    with stun_region(4) as r:
+        a, b, c = cpus(r, 3)                     # slot 3 is the monitor's
+        mon = Monitor(r, 3, [[0, 1, 2]])
+        a._set(GUEST, 1)
+        b._set(HOST, 2)
+        b._set(GUEST, 2)                         # GUEST(1) beside GUEST(2): one S2
+        c._set(HOST, 0)
+        c._set(IDLE, 0)
+        assert mon.sample() == 1
+        c._set(HOST, 2)
+        c._set(ASI, 2)                           # and ASI(2) beside GUEST(1): one more
+        assert mon.sample() == 2
+        tot = invariants.counters(r)
+        assert (tot["m_s1"], tot["m_s2"]) == (0, 3)
+        guests = [(e["guest_slot"], e["other_slot"]) for e in invariants.events(r)]
+        assert guests == [(0, 1), (0, 1), (0, 2)]
+
+
 def test_monitor_never_reports_a_torn_snapshot():
     with stun_region(3) as r:
         a, b = cpus(r, 2)
@@ -131,6 +150,30 @@ def test_torn_reads_are_not_reported():
         chk.guest_exit()                         # sees (GUEST, 1) torn, confirms under the seqlock
         t.join()
         assert counter(a, "v_s2") == 0
+
+
+def _returns_promptly(fn, timeout: float = 5.0) -> None:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn.__name__} still waiting after {timeout}s"
+
+
+def test_a_sibling_stuck_mid_transition_does_not_hang_the_checker():
+    """A sibling killed or stopped inside ``_set`` keeps its seqlock odd for good: the
+    assertions give up on a consistent read of it (the monitor covers that instant)."""
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        w = r.words
+        b._set(HOST, 2)
+        b._set(GUEST, 2)
+        w[b.i_mseq] += 1                         # b stopped half-way through its next _set
+        a._set(GUEST, 1)                         # GUEST(1) beside what reads as GUEST(2)
+        _returns_promptly(a.checker.guest_entry)
+        _returns_promptly(a.checker.guest_exit)
+        _returns_promptly(a.checker.host_entry)
+        assert counter(a, "v_s2") == 0           # never read consistently: not reported
+        assert counter(a, "checks") == 3
 
 
 # -- every checker fails on a broken protocol under randomized delays ---------------------------
