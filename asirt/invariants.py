@@ -42,9 +42,10 @@ from shm_layout import Region
 from shm_layout.region import pid_alive
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode
-from shm_layout.stun import (COUNTER, COUNTERS, EVENT_FIELDS, RING_ENTRIES, EventKind, Source)
+from shm_layout.stun import (COUNTER, COUNTERS, EVENT_DTYPE, EVENT_FIELDS, RING_ENTRIES, EventKind,
+                             Source)
 
-_EV_WORDS = len(EVENT_FIELDS)
+_EV_WORDS = EVENT_DTYPE.itemsize // 8   # EVENT_DTYPE is EVENT_FIELDS, all int64, in order
 HOST, ASI, GUEST = int(Mode.HOST), int(Mode.ASI), int(Mode.GUEST)
 #: reads of a sibling's seqlock before a checker gives up on a consistent (mode, domain)
 SEQLOCK_RETRIES = 16
@@ -57,7 +58,8 @@ class EventRing:
         self.w = region.words
         self.slot = slot
         self.head = region.word_index("stun_events", slot, "head")
-        self.base = self.head + region.section("stun_events").dtype.fields["ev"][1] // 8
+        self.base = (region.word_index("stun_events", slot)
+                     + region.section("stun_events").dtype.fields["ev"][1] // 8)
 
     def emit(self, kind: int, source: int, other: int = -1, a: int = 0, b: int = 0,
              c: int = 0) -> None:

@@ -105,6 +105,10 @@ def _defines(n: int, variant: str, check: str, domains: str) -> list[str]:
     return defs
 
 
+#: pan prints the count with "%9.8g": 1.2345678e+08 above 10^8 states
+STATES_RE = r"([\d.e+]+) states, stored"
+
+
 def _int(pattern: str, text: str, default: int = 0) -> int:
     m = re.search(pattern, text)
     return int(float(m.group(1))) if m else default
@@ -174,7 +178,7 @@ def verify(n: int, variant: str = "strict", workdir: str | Path | None = None,
             out += "\n--- trail replay (spin -t) ---\n" + trail
         return ModelResult(
             ok=errors == 0 and complete, errors=errors,
-            states=_int(r"(\d+) states, stored", out), depth=_int(r"depth reached (\d+)", out),
+            states=_int(STATES_RE, out), depth=_int(r"depth reached (\d+)", out),
             output=out, variant=variant, check=check, n=n, defines=defs[1:],
             complete=complete, violations=violations, seconds=seconds)
     finally:

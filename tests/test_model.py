@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from asirt.errors import BadInput, FeatureMissing
-from asirt.model import verify
+from asirt.model import STATES_RE, _int, verify
 
 
 def _need_spin() -> None:
@@ -88,3 +88,9 @@ def test_missing_tool_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_temporary_directory_is_removed(spin: None, tmp_path) -> None:
     verify(2, "naive", workdir=tmp_path, timeout=100)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("line, states", [("     5180 states, stored", 5180),
+                                          ("1.2345678e+08 states, stored", 123456780)])
+def test_state_count_is_read_in_both_of_pans_forms(line: str, states: int) -> None:
+    assert _int(STATES_RE, f"State-vector 64 byte, depth reached 99\n{line}\n") == states
