@@ -470,7 +470,9 @@ class _Watch:
             want = "FENCE_DEAD" if f == "kill" else "FENCE_STOPPED"
             evs = [e for e in col["events"] if e["kind"] in ("FENCE_DEAD", "FENCE_STOPPED")
                    and e["other_slot"] == self.victim]
-            fenced_by = [s for s in self.vslots if col["fenced"][s] and s != self.victim]
+            core = next(c for c in self.plan.cores if self.victim in c)
+            bit = 1 << core.index(self.victim)      # fence masks are by lane within the core
+            fenced_by = [s for s in core if s != self.victim and col["fenced"][s] & bit]
             report.append({
                 "fault": f, "slot": self.victim, "cpu": vcpu, "injected": True,
                 "detected": bool(evs) or bool(fenced_by),
