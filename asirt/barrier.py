@@ -54,34 +54,39 @@ class Result(enum.IntEnum):
     TIMEOUT = 4   # the caller's bound on waiting passed
 
 
+C_TRIES, C_BUSY, C_DOM, C_DIRTY, C_ENTRY_FLUSHES = (
+    COUNTER[k] for k in ("barrier_tries", "barrier_busy", "barrier_dom", "barrier_dirty",
+                         "entry_flushes"))
+
+
 def check(cpu: StunCpu) -> tuple[Result, int]:
     """B1-B3 per sibling, then the buffer (flushing it when dirty). (result, blocking lane)."""
     w, d, dl = cpu.w, cpu.dom, cpu.dl
     c = cpu.cnt
-    w[c + COUNTER["barrier_tries"]] += 1
+    w[c + C_TRIES] += 1
     for j in cpu.live_sibs:
         if w[cpu.s_gen[j]] & 1:                                   # B1
-            w[c + COUNTER["barrier_busy"]] += 1
+            w[c + C_BUSY] += 1
             return Result.BUSY, j
         if dl:
             dl()
         if w[cpu.s_mode[j]] == HOST:                              # B2
-            w[c + COUNTER["barrier_busy"]] += 1
+            w[c + C_BUSY] += 1
             return Result.BUSY, j
         if dl:
             dl()
         e = w[cpu.s_dom[j]]                                       # B3
         if e != 0 and e != d:
-            w[c + COUNTER["barrier_dom"]] += 1
+            w[c + C_DOM] += 1
             return Result.DOMAIN, j
         if dl:
             dl()
     if cpu.flush_on and cpu.buffer_dirty(d) is not None:
         # Never happens under the strict protocol (the requester flushed before releasing):
         # counted, then made safe by a flush of our own.
-        w[c + COUNTER["barrier_dirty"]] += 1
+        w[c + C_DIRTY] += 1
         cpu.flush()
-        w[c + COUNTER["entry_flushes"]] += 1
+        w[c + C_ENTRY_FLUSHES] += 1
         if cpu.buffer_dirty(d) is not None:
             return Result.BUSY, cpu.lane
     return Result.OK, -1

@@ -96,6 +96,8 @@ TRANSPORTS = ("spin", "signal", "sem")
 IDLE, HOST, ASI, GUEST, STUNNED = (int(m) for m in (Mode.IDLE, Mode.HOST, Mode.ASI, Mode.GUEST,
                                                     Mode.STUNNED))
 C_REQUESTS, C_ACKS, C_PARKS, C_CHECKS = (COUNTER[k] for k in ("requests", "acks", "parks", "checks"))
+C_HOST_ENTRIES, C_GUEST_ENTRIES, C_FLUSHES = (COUNTER[k] for k in ("host_entries", "guest_entries",
+                                                                   "flushes"))
 
 
 class Phase(enum.IntEnum):
@@ -359,7 +361,7 @@ class StunCpu:
                 acked[j] = g
                 n += 1
         if n:
-            self.w[self.cnt + COUNTER["acks"]] += n
+            self.w[self.cnt + C_ACKS] += n
         return n
 
     def safe_point(self) -> bool:
@@ -584,7 +586,7 @@ class StunCpu:
         self._set(HOST, self.dom)
         w[self.i_host_ns] = now()
         w[self.i_host_gen] = self.g
-        w[self.cnt + COUNTER["host_entries"]] += 1
+        w[self.cnt + C_HOST_ENTRIES] += 1
         if self.checker is not None:
             self.checker.host_entry()
 
@@ -610,7 +612,7 @@ class StunCpu:
                 w[marks[k]] = w[deps[k]]
         if self._hook_flush is not None:
             self._hook_flush()
-        w[self.cnt + COUNTER["flushes"]] += 1
+        w[self.cnt + C_FLUSHES] += 1
 
     def release(self) -> None:
         """R7 (and naive's exposure window, measured just before it)."""
@@ -760,7 +762,7 @@ class StunCpu:
         assertion's own cost is counted apart, in ``check_ns``)."""
         self._set(GUEST, self.dom)
         t = now()
-        self.w[self.cnt + COUNTER["guest_entries"]] += 1
+        self.w[self.cnt + C_GUEST_ENTRIES] += 1
         if self.checker is not None:
             self.checker.guest_entry()
         return t
