@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import psutil
 
+from asirt import histogram
 from asirt.errors import AsirtError, WorkerFailed
 from shm_layout import Region, RegionState, Section, WorkerState, reclaim
 from shm_layout.header import START_NS_WORD, STOP_WORD
@@ -71,7 +72,7 @@ class RunOutcome:
 
     def merged(self, metric_index: int, workers: Sequence[int] | None = None) -> np.ndarray:
         rows = self.hists[:, metric_index] if workers is None else self.hists[list(workers), metric_index]
-        return rows.sum(axis=0)
+        return histogram.merge(rows)
 
 
 Progress = Callable[[float, np.ndarray], None]   # (fraction done, slots view)

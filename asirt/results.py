@@ -196,6 +196,14 @@ def _fmt_ns(v: Any) -> str:
 TABLE_COUNTERS = ("transitions", "violations", "faults", "shootdowns_sent")
 
 
+def _render(head: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns as wide as their widest cell, a dashed rule under the head."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [head, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in lines)
+
+
 def format_table(scenarios: list[dict[str, Any]]) -> str:
     """A fixed-width table of every metric of every entry (from result.json's ``scenarios``).
 
@@ -221,11 +229,7 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", seen, *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return _render(head, rows)
 
 
 def _key(s: dict[str, Any]) -> tuple:
@@ -251,11 +255,7 @@ def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
                          _fmt_ns(ma["p99"]), _fmt_ns(mb["p99"]), f"{mb['p99'] / ma['p99']:.2f}"])
     if not rows:
         return "no entry appears in both runs"
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return _render(head, rows)
 
 
 def load_result(run_dir: str) -> dict[str, Any]:
