@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
-from asirt.errors import BadInput
-from asirt.topology import format_cpu_list, parse_cpu_list, read_attr, sysfs_cpu_dir
+from asirt.topology import format_cpu_list, parse_attr, parse_cpu_list, read_attr, sysfs_cpu_dir
 
 __all__ = ["SystemInfo", "read_system"]
 
@@ -34,11 +33,7 @@ class SystemInfo:
 
 
 def _cpus_attr(path: str, text: str) -> list[int]:
-    try:
-        return parse_cpu_list(text)
-    except ValueError as err:
-        raise BadInput(path, f"is not a CPU list ({err})",
-                       "the tree is damaged; point --sysfs-root at a sysfs tree") from err
+    return parse_attr(path, text, parse_cpu_list, "a CPU list")
 
 
 def _isolation(cpu_dir: str, cpus: list[int]) -> tuple[list[int], list[int], list[str]]:

@@ -12,7 +12,7 @@ import os
 import re
 import textwrap
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 from asirt.errors import BadInput
 
@@ -105,26 +105,33 @@ def read_attr(path: str) -> str | None:
                        "copy of the tree") from err
 
 
-def _read_cpus(path: str) -> list[int] | None:
-    text = read_attr(path)
-    if text is None:
-        return None
+#: the fix for a sysfs file that does not hold what Linux writes there
+DAMAGED = ("this is not what Linux writes there: if the tree is a copy or a fake "
+           "(--sysfs-root), recopy or fix that file")
+
+T = TypeVar("T")
+
+
+def parse_attr(path: str, text: str, parse: Callable[[str], T], what: str) -> T:
+    """``parse(text)`` of the attribute at ``path``; BadInput naming the file if it fails."""
     try:
-        return parse_cpu_list(text)
+        return parse(text)
     except ValueError as err:
-        raise BadInput(path, f"is not a CPU list ({err})",
-                       "the tree is damaged; point --sysfs-root at a sysfs tree") from err
+        raise BadInput(path, f"holds {text!r}, not {what} ({err})", DAMAGED) from err
+
+
+def read_parsed(path: str, parse: Callable[[str], T], what: str) -> T | None:
+    """The attribute at ``path`` parsed, or None when the file is absent (see read_attr)."""
+    text = read_attr(path)
+    return None if text is None else parse_attr(path, text, parse, what)
+
+
+def _read_cpus(path: str) -> list[int] | None:
+    return read_parsed(path, parse_cpu_list, "a CPU list")
 
 
 def _read_int(path: str) -> int | None:
-    text = read_attr(path)
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError as err:
-        raise BadInput(path, f"holds {text!r}, not an integer",
-                       "the tree is damaged; point --sysfs-root at a sysfs tree") from err
+    return read_parsed(path, int, "an integer")
 
 
 def sysfs_cpu_dir(root: str) -> str:
@@ -229,7 +236,7 @@ def _read_siblings(cpu_dir: str, cpu: int, online: set[int]) -> tuple[int, ...]:
         if siblings is not None:
             if cpu not in siblings:
                 raise BadInput(os.path.join(topo, name), f"does not list CPU {cpu} itself",
-                               "the tree is damaged; point --sysfs-root at a sysfs tree")
+                               DAMAGED)
             return tuple(sorted(set(siblings) & online))
     # No topology/ for an online CPU (a stripped-down tree): a core of its own.
     return (cpu,)
@@ -245,14 +252,7 @@ def _read_l1d(cpu_dir: str, cpu: int) -> int | None:
         index = os.path.join(cache, name)
         if read_attr(os.path.join(index, "level")) == "1" and \
                 read_attr(os.path.join(index, "type")) == "Data":
-            size = read_attr(os.path.join(index, "size"))
-            if size is None:
-                return None
-            try:
-                return parse_size(size)
-            except ValueError as err:
-                raise BadInput(os.path.join(index, "size"), str(err),
-                               "the tree is damaged; point --sysfs-root at a sysfs tree") from err
+            return read_parsed(os.path.join(index, "size"), parse_size, "a cache size")
     return None
 
 
@@ -292,7 +292,7 @@ def read_topology(root: str = "/sys", allowed: Iterable[int] | None = None) -> T
                 raise BadInput(os.path.join(cpu_dir, f"cpu{cpu}", "topology"),
                                f"CPU {cpu} lists siblings {format_cpu_list(core)} but CPU "
                                f"{other} lists {format_cpu_list(core_by_cpu[other])}",
-                               "the tree is inconsistent; point --sysfs-root at a sysfs tree")
+                               f"the tree is inconsistent; {DAMAGED}")
     cores = tuple(sorted(set(core_by_cpu.values())))
     cpu_info = {}
     for cpu in online:
