@@ -171,8 +171,7 @@ def setup(region: Region, cores: list[list[int]]) -> None:
             region.array("asi_ctl")["lives"][0] = 1
             template = pt.alloc_table(4, GLOBAL_OWNER)
             pdpt = pt.alloc_table(3, GLOBAL_OWNER)
-            pt.tables[template][GLOBAL_SLOT] = make_pte(pdpt, PRESENT | WRITABLE)
-            pt.meta["nvalid"][template] = 1
+            pt.link_new(template, GLOBAL_SLOT, make_pte(pdpt, PRESENT | WRITABLE))
             region.array("asi_ctl")["template"][0] = template
     finally:
         pt.close()
@@ -381,8 +380,7 @@ class Asi:
             pt = self.pt
             root = pt.alloc_table(4, inst)
             try:
-                pt.tables[root][GLOBAL_SLOT] = pt.tables[self.template][GLOBAL_SLOT]
-                pt.meta["nvalid"][root] = 1
+                pt.link_new(root, GLOBAL_SLOT, int(pt.tables[self.template][GLOBAL_SLOT]))
                 if self.classes[cls].maps_local:
                     a = self.frames.arr
                     for pfn in np.flatnonzero((a["cls"] == MemClass.LOCAL) & (a["owner"] == domain)):

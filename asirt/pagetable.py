@@ -255,7 +255,7 @@ class PageTables:
                     return
                 raise AlreadyMapped(va, old, pte)
         need = LEVELS - len(path)
-        if need > self.free_tables():
+        if need and need > self.free_tables():      # a count over the whole pool
             raise PoolExhausted("page-table", self.ntables, f"{need} tables to map {va:#x}",
                                 "asi_tables")
         q, tb, nv = self.q, self.tbase, self.mbase + _NVALID
@@ -306,6 +306,13 @@ class PageTables:
         self.tables[t] = 0
         self.meta[t] = (1, owner, level, 0)
         return t
+
+    def link_new(self, table: int, slot: int, pte: int) -> None:
+        """Fill ``slot`` of a table that no walker can reach yet (just allocated, not
+        published): no seqcount needed. Used to hang the shared global PDPT in new roots."""
+        assert self.meta["nvalid"][table] == 0 and not self.tables[table][slot], (table, slot)
+        self.tables[table][slot] = pte
+        self.meta["nvalid"][table] = 1
 
     def free_table(self, t: int) -> None:
         if not 0 <= t < self.ntables:
