@@ -112,7 +112,6 @@ def run_pingpong(topo: Topology, opts: Options,
     """Yield the floor entry (when a compiler exists) and one entry per transport, per pair."""
     transports, duration_s, floor = opts.transports, opts.duration_s, opts.floor
     pairs = pingpong_pairs(topo)
-    over = orchestrator.oversubscribed(2)
     cfloor: CFloor | None = None
     floor_note = "skipped (--no-floor)"
     if floor:
@@ -138,7 +137,7 @@ def run_pingpong(topo: Topology, opts: Options,
                 label = f"{t} cpus {pair.a},{pair.b}"
                 if progress:
                     progress.start(label)
-                common = {"transport": t, "oversubscribed": over}
+                common = {"transport": t}
                 spec = RunSpec(
                     workers=[WorkerSpec(pair.a, "pingpong", {**common, "side": "ping", "peer": 1}),
                              WorkerSpec(pair.b, "pingpong", {**common, "side": "pong", "peer": 0})],

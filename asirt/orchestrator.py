@@ -40,6 +40,7 @@ class WorkerSpec:
     cpu: int
     role: str
     params: dict[str, Any] = field(default_factory=dict)
+    spins: bool = True      # busy-waits; False for a sampler that sleeps between samples
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,10 @@ def _fill(region: Region, spec: RunSpec) -> None:
         metrics[i]["unit"] = b"ns"
 
 
-def _worker_argv(region: Region, slot: int, ws: WorkerSpec) -> list[str]:
+def _worker_argv(region: Region, slot: int, ws: WorkerSpec, over: bool) -> list[str]:
+    params = {"oversubscribed": over, **ws.params}      # a spec's own value wins (tests)
     return [sys.executable, "-m", "workers", "--cpu", str(ws.cpu), "--slot", str(slot),
-            "--region", region.name, "--role", ws.role, "--params", json.dumps(ws.params),
+            "--region", region.name, "--role", ws.role, "--params", json.dumps(params),
             "--parent", str(os.getpid())]
 
 
@@ -206,8 +208,9 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
             region.semaphore(f"wake{slot}")
         if spec.init is not None:
             spec.init(region)
+        over = oversubscribed(spec.workers)
         for slot, ws in enumerate(spec.workers):
-            children.spawn(_worker_argv(region, slot, ws))
+            children.spawn(_worker_argv(region, slot, ws, over))
         w = region.words
         state_words = [region.word_index("slots", i, "state") for i in range(len(spec.workers))]
 
@@ -323,6 +326,9 @@ def _liveness(pid: int) -> str:
         return f"process {pid} has exited"
 
 
-def oversubscribed(nworkers: int) -> bool:
-    """More workers than CPUs this process may use: spin waits must yield early."""
-    return nworkers > len(os.sched_getaffinity(0))
+def oversubscribed(workers: Sequence[WorkerSpec]) -> bool:
+    """Spin waits must yield early: more spinning workers than CPUs this process may use,
+    or two of them pinned to one CPU. Every worker of a run gets it as params
+    ``oversubscribed``."""
+    cpus = [ws.cpu for ws in workers if ws.spins]
+    return len(cpus) > len(os.sched_getaffinity(0)) or len(set(cpus)) < len(cpus)

@@ -86,21 +86,17 @@ def _plan(core_cpus: list[list[int]], params: dict[str, Any], monitor: bool,
     for cpus in core_cpus:
         cores.append(list(range(slot, slot + len(cpus))))
         slot += len(cpus)
-    nworkers = slot + (1 if monitor else 0)
-    distinct = {cpu for c in core_cpus for cpu in c}
-    over = (orchestrator.oversubscribed(nworkers - (1 if monitor else 0))
-            or slot > len(distinct))
     workers = []
     for k, cpus in enumerate(core_cpus):
         for cpu in cpus:
-            workers.append(WorkerSpec(cpu, "stun", {**params, "lanes": cores[k], "core": k,
-                                                    "oversubscribed": over}))
+            workers.append(WorkerSpec(cpu, "stun", {**params, "lanes": cores[k], "core": k}))
+    over = orchestrator.oversubscribed(workers)     # what the orchestrator tells each worker
     mon = None
     if monitor:
         mon = len(workers)
         # not a sibling of anything: it shares the last CPU and yields between samples
         workers.append(WorkerSpec(core_cpus[-1][-1], "monitor",
-                                  {"cores": cores, **(monitor_params or {})}))
+                                  {"cores": cores, **(monitor_params or {})}, spins=False))
     return _Plan(workers, cores, core_cpus, mon, over)
 
 
@@ -244,7 +240,7 @@ def _baselines(pair: list[int], transports: Sequence[str], duration_s: float) ->
     for t in transports:
         if t == "spin":
             continue
-        common = {"transport": t, "oversubscribed": orchestrator.oversubscribed(2) or a == b}
+        common = {"transport": t}
         spec = RunSpec(workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
                                 WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],
                        metrics=["roundtrip"], duration_s=duration_s, cores=[[0, 1]])

@@ -115,7 +115,7 @@ def test_spin_transport_vs_c_floor(benchmark, request):
     def measure():
         with CFloor() as floor:
             floor_p50 = histogram.summarize(floor.measure(a, b, 1.0).counts).p50
-        common = {"transport": "spin", "oversubscribed": orchestrator.oversubscribed(2)}
+        common = {"transport": "spin"}
         out = orchestrator.run(RunSpec(
             workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
                      WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],

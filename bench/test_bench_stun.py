@@ -49,7 +49,7 @@ def _stun_p50(transport: str) -> tuple[int, dict]:
 
 
 def _pingpong_p50(transport: str, a: int, b: int) -> int:
-    common = {"transport": transport, "oversubscribed": orchestrator.oversubscribed(2)}
+    common = {"transport": transport}
     spec = RunSpec(workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
                             WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],
                    metrics=["roundtrip"], duration_s=SECONDS, cores=[[0, 1]])

@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 def pair_spec(transport: str, duration: float = 0.3, role: str = "pingpong") -> RunSpec:
     cpus = sorted(os.sched_getaffinity(0))
     a, b = cpus[0], cpus[-1]
-    over = orchestrator.oversubscribed(2) or a == b
-    common = {"transport": transport, "oversubscribed": over}
+    common = {"transport": transport}
     return RunSpec(workers=[WorkerSpec(a, role, {**common, "side": "ping", "peer": 1}),
                             WorkerSpec(b, role, {**common, "side": "pong", "peer": 0})],
                    metrics=["roundtrip"], duration_s=duration, cores=[[0, 1]])
@@ -137,3 +136,17 @@ def test_deferred_interrupts_take_the_signal_after_the_block():
     assert done == [True]
     with orchestrator.deferred_interrupts():
         pass                        # nothing caught: nothing raised
+
+
+def test_oversubscribed_is_decided_from_the_workers_of_the_run():
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def spin(cpu: int) -> WorkerSpec:
+        return WorkerSpec(cpu, "pingpong")
+
+    assert orchestrator.oversubscribed([spin(cpus[0]), spin(cpus[0])])       # two on one CPU
+    assert orchestrator.oversubscribed([spin(c) for c in cpus] + [spin(cpus[0])])
+    sampler = WorkerSpec(cpus[0], "monitor", spins=False)
+    assert not orchestrator.oversubscribed([spin(cpus[0]), sampler])          # it sleeps
+    if len(cpus) >= 2:
+        assert not orchestrator.oversubscribed([spin(cpus[0]), spin(cpus[1])])
