@@ -150,3 +150,25 @@ def test_oversubscribed_is_decided_from_the_workers_of_the_run():
     assert not orchestrator.oversubscribed([spin(cpus[0]), sampler])          # it sleeps
     if len(cpus) >= 2:
         assert not orchestrator.oversubscribed([spin(cpus[0]), spin(cpus[1])])
+
+
+def test_sem_ping_sees_whether_the_target_sleeps():
+    """The sem transport times wake-ups only if it can tell a sleeping target from a running
+    one (workers.pingpong._asleep reads /proc/PID/stat)."""
+    import subprocess
+    import sys
+
+    from workers.pingpong import _asleep
+    sleeper = subprocess.Popen(["sleep", "30"])
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        asleep, busy = _asleep(sleeper.pid), _asleep(spinner.pid)
+        while not asleep() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asleep()
+        assert sum(not busy() for _ in range(50)) > 0     # running or runnable, not S
+    finally:
+        for p in (sleeper, spinner):
+            p.kill()
+            p.wait()

@@ -10,12 +10,16 @@ Transports (params["transport"]):
   signal  SIGUSR1: the target's handler echoes asynchronously, interrupting whatever runs
           (params["target"] "busy": a running loop, "idle": sleeping in the kernel);
   sem     the target is blocked on its POSIX semaphore, as an idle CPU would be, and is woken.
+          Before each sample the ping side waits (untimed) until /proc says the target is
+          asleep: without that, a target still on its way back to the semaphore finds the
+          post already there, and the sample times a handoff, not a wake-up.
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
+from typing import Callable
 
 import posix_ipc
 
@@ -57,16 +61,19 @@ def _ping(ctx: WorkerContext) -> None:
     samples = ctx.slot_word(ctx.slot, "samples")
     rec = recorder(w, ctx.hist_base("roundtrip"))
     limit = spin_limit(p.get("oversubscribed", False))
-    deliver = None
+    deliver = asleep = None
     if p["transport"] == "signal":
         peer_pid, sig, kill = w[ctx.slot_word(peer, "pid")], signal.SIGUSR1, os.kill
         deliver = lambda: kill(peer_pid, sig)  # noqa: E731 - bound once, called per sample
     elif p["transport"] == "sem":
         deliver = ctx.region.semaphore(f"wake{peer}").release
+        asleep = _asleep(w[ctx.slot_word(peer, "pid")])
     now = clock.now   # a local: one lookup per read in the loop below
     k = 0
     while not w[STOP_WORD]:
         k += 1
+        if asleep is not None:
+            _wait_until_asleep(w, asleep)
         t0 = now()
         w[mine] = k
         if deliver is not None:
@@ -86,6 +93,26 @@ def _ping(ctx: WorkerContext) -> None:
         if k % PROGRESS_EVERY == 0:
             w[samples] = k
     w[samples] = k
+
+
+def _asleep(pid: int) -> Callable[[], bool]:
+    """Whether process ``pid`` (single-threaded here) is asleep in the kernel: state S in
+    /proc/PID/stat, re-read through one open descriptor (about 2 us)."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    pread, close_paren = os.pread, ord(")")
+
+    def check() -> bool:
+        stat = pread(fd, 512, 0)
+        return stat[stat.rindex(close_paren) + 2] == ord("S")   # after "pid (comm) "
+    return check
+
+
+def _wait_until_asleep(w: memoryview, asleep: Callable[[], bool]) -> None:
+    """Untimed, before a sample: until the target sleeps (yielding, in case it needs this
+    CPU to get there), the run stops, or 50 ms pass (then the sample goes ahead)."""
+    deadline = time.monotonic() + 0.05
+    while not asleep() and not w[STOP_WORD] and time.monotonic() < deadline:
+        os.sched_yield()
 
 
 def _pong_spin(ctx: WorkerContext) -> None:
