@@ -41,8 +41,8 @@ from asirt.memclass import (CLASS_SHIFT, FRAME_BITS, OWNER_MASK, DoubleFree, Fra
                             MappingRefused, MemClass, PoolExhausted, describe)
 from asirt.pagetable import (LOCK_TIMEOUT_S, NX, PFN_MASK, PFN_SHIFT, PRESENT, WRITABLE,
                              CorruptEntry, LockTimeout, PageTables, index, make_pte, pte_frame)
-from asirt.tlb import (EPOCH_MASK, EPOCH_SHIFT, INST_WORDS, PCID_SHIFT, VALID, Shootdowns, Tlb,
-                       fence)
+from asirt.fence import fence
+from asirt.tlb import EPOCH_MASK, EPOCH_SHIFT, INST_WORDS, PCID_SHIFT, VALID, Shootdowns, Tlb
 from asirt.uarch import CoreBuffer
 from shm_layout.asi import (CPU_DTYPE, FRAME_DTYPE, GLOBAL_OWNER, INST_DTYPE, MAX_ASI,
                             PAGE_SIZE, word)

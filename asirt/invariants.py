@@ -9,8 +9,8 @@ protocol under randomized delays and asserts it is caught):
     (counters ``checks`` and ``check_ns``). Each is a load after the worker's own store of its
     new mode: on x86-TSO two CPUs that change mode at the same instant can each miss the other
     (store buffering), so without ``check_fence`` a violation that exists only for that instant
-    can go unseen here; with ``check_fence`` a real fence (a POSIX semaphore post + wait, two
-    locked instructions) sits between the store and the loads and nothing is missed. The
+    can go unseen here; with ``check_fence`` a real fence (:func:`asirt.fence.fence`, a locked
+    instruction) sits between the store and the loads and nothing is missed. The
     sampling monitor is the second line either way.
 (b) The sampling monitor (:class:`Monitor`, run by ``workers/monitor.py``), which reads every
     CPU's mode and domain as a consistent snapshot: each CPU publishes its mode under a
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from asirt.clock import now
 from shm_layout import Region
@@ -71,27 +71,11 @@ class EventRing:
         w[self.head] = h + 1
 
 
-class Fence:
-    """A real full fence from Python: post and wait on a private POSIX semaphore.
-
-    glibc's sem_post is an atomic fetch-add and the uncontended sem_wait an atomic
-    compare-exchange; on x86 both are locked instructions, each a full barrier, so a store
-    before ``fence()`` is globally visible before any load after it. About 0.1-0.3 us.
-    """
-
-    def __init__(self, region: Region, slot: int) -> None:
-        sem = region.semaphore(f"fence{slot}")
-        self._post, self._wait = sem.release, sem.acquire
-
-    def __call__(self) -> None:
-        self._post()
-        self._wait()
-
-
 class TransitionChecker:
     """Checker (a): cheap assertions at every transition of one worker (see module doc)."""
 
-    def __init__(self, cpu: Any, ring: EventRing, fence: Fence | None = None) -> None:
+    def __init__(self, cpu: Any, ring: EventRing,
+                 fence: Callable[[], None] | None = None) -> None:
         self.cpu = cpu
         self.ring = ring
         self.fence = fence
@@ -357,6 +341,6 @@ def summarize_violations(totals: dict[str, int]) -> dict[str, int]:
     }
 
 
-__all__ = ["EventRing", "Fence", "TransitionChecker", "LeakSource", "uarch_hook", "Monitor",
+__all__ = ["EventRing", "TransitionChecker", "LeakSource", "uarch_hook", "Monitor",
            "counters", "per_slot_counters", "events", "describe",
            "summarize_violations", "VIOLATION_KINDS", "LIVENESS_KINDS"]

@@ -76,7 +76,8 @@ from typing import Callable
 import posix_ipc
 
 from asirt.clock import now
-from asirt.invariants import EventRing, Fence, TransitionChecker
+from asirt.fence import fence
+from asirt.invariants import EventRing, TransitionChecker
 from asirt.spin import spin_limit
 from shm_layout.region import pid_alive, sem_wait
 from shm_layout import Region
@@ -229,7 +230,7 @@ class StunCpu:
         self.ntrans = 0
         self.ring = EventRing(region, slot)
         self.checker = (TransitionChecker(self, self.ring,
-                                          Fence(region, slot) if cfg.check_fence else None)
+                                          fence if cfg.check_fence else None)
                         if cfg.check else None)
         self.leak_hook = leak_hook
         #: the hook's own flush (asirt.uarch.CoreBuffer.flush: clears it, evicts one L1D)

@@ -105,7 +105,7 @@ def _sections(n: int, ncores: int) -> list[Section]:
             Section("stun_events", n)]
 
 
-def _init(plan: _Plan, check_fence: bool, holder: dict[str, Any]):
+def _init(plan: _Plan, holder: dict[str, Any]):
     def init(region: Region) -> None:
         holder["region"] = region
         arr = region.array("stun_cpu")
@@ -115,9 +115,6 @@ def _init(plan: _Plan, check_fence: bool, holder: dict[str, Any]):
             for lane, s in enumerate(slots):
                 arr[s]["lane"] = lane
                 arr[s]["core"] = k
-        if check_fence:
-            for s in range(len(plan.workers)):
-                region.semaphore(f"fence{s}")
     return init
 
 
@@ -183,7 +180,7 @@ def run_stun(topo: Topology, protocols: Sequence[str], transports: Sequence[str]
                            cores=plan.cores, emulated=topo.emulated,
                            l1d_bytes=topo.l1d_bytes or 0,
                            extra_sections=_sections(len(plan.workers), len(plan.cores)),
-                           init=_init(plan, False, holder), collect=_collect)
+                           init=_init(plan, holder), collect=_collect)
             cpus = [c for core in core_cpus for c in core]
             if progress is not None:
                 progress.start(f"stun {protocol} {transport} cpus {','.join(map(str, cpus))}")
@@ -308,7 +305,7 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     spec = RunSpec(workers=plan.workers, metrics=["barrier_wait"], duration_s=run_s,
                    cores=plan.cores, emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0,
                    extra_sections=_sections(len(plan.workers), len(plan.cores)),
-                   init=_init(plan, check_fence, holder), collect=_collect,
+                   init=_init(plan, holder), collect=_collect,
                    finish_when_done=("stun",) if transitions is not None else (),
                    keep_going=bool(faults))
     watch = _Watch(plan, victim, faults, transitions, run_s, stall_s, progress, holder)
@@ -504,7 +501,7 @@ def run_coresched(topo: Topology, duration_s: float, seed: int = 0, enforce: boo
     spec = RunSpec(workers=plan.workers, metrics=["forced_idle"], duration_s=duration_s,
                    cores=plan.cores, emulated=topo.emulated,
                    extra_sections=_sections(len(plan.workers), len(plan.cores)),
-                   init=_init(plan, False, holder), collect=_collect)
+                   init=_init(plan, holder), collect=_collect)
     out = orchestrator.run(spec)
     col = out.collected
     t = col["totals"]

@@ -18,10 +18,10 @@ back to the full tree needs no fence.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 from asirt.errors import AsirtError
+from asirt.fence import fence
 from asirt.pagetable import PageTables
 from shm_layout.asi import CPU_DTYPE, INST_DTYPE, MAX_ASI, TLB_ENTRIES, TLB_WORDS, word
 from shm_layout.region import Region, pid_alive
@@ -58,24 +58,6 @@ SENT, AVOIDED = _cpu_field("shootdowns_sent"), _cpu_field("shootdowns_avoided")
 
 SHOOTDOWN_TIMEOUT_S = 10.0
 SPIN_POLLS = 1 << 12      # polls before yielding the CPU (a 2-CPU host may be oversubscribed)
-
-# A full fence: acquiring an uncontended lock executes a LOCK-prefixed CAS (glibc sem_trywait
-# behind CPython's lock), which orders earlier stores before later loads on x86. A signal
-# handler may interrupt a fence mid-way; the next lock then serves it.
-_FENCES = tuple(threading.Lock() for _ in range(4))
-_try, _release = _FENCES[0].acquire, _FENCES[0].release
-
-
-def fence() -> None:
-    if _try(False):
-        _release()
-        return
-    for lock in _FENCES[1:]:    # a handler interrupted a fence
-        if lock.acquire(False):
-            lock.release()
-            return
-    raise AssertionError("fence nested four deep")  # pragma: no cover
-
 
 class ShootdownTimeout(AsirtError):
     """A CPU inside an instance did not flush in time: it is dead, stopped, or never polls."""

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from asirt import fence as fence_mod
 from asirt import tlb as tlb_mod
 from asirt.asi import Asi, AsiClassId
 from asirt.memclass import MemClass
@@ -159,17 +160,17 @@ def test_a_cpu_that_never_answers_times_out(kernel, aregion, monkeypatch):  # no
 
 
 def _fence_with_held(held: int) -> BaseException | None:
-    """tlb.fence() with the first ``held`` fence locks taken, as if that many fences had been
+    """fence() with the first ``held`` fence locks taken, as if that many fences had been
     interrupted by a handler: run in a thread, so that a fence that blocks instead of moving
     on to the next lock fails here rather than hanging the test. Returns what it raised."""
-    locks = tlb_mod._FENCES
+    locks = fence_mod._FENCES
     for lock in locks[:held]:
         assert lock.acquire(False)
     raised: list[BaseException] = []
 
     def run() -> None:
         try:
-            tlb_mod.fence()
+            fence_mod.fence()
         except BaseException as err:  # noqa: BLE001 - returned to the test
             raised.append(err)
 
@@ -191,7 +192,7 @@ def test_fence_survives_nesting(held):
 
 
 def test_fence_nested_too_deep_fails_instead_of_blocking():
-    err = _fence_with_held(len(tlb_mod._FENCES))
+    err = _fence_with_held(len(fence_mod._FENCES))
     assert isinstance(err, AssertionError) and "nested" in str(err)
 
 
