@@ -42,7 +42,6 @@ def stun_region(n: int = 2, pids: list[int] | None = None) -> Iterator[Region]:
             slots[s]["cpu"] = s
             slots[s]["pid"] = os.getpid() if pids is None else pids[s]
             r.semaphore(f"wake{s}")
-            r.semaphore(f"fence{s}")
         init_core(r, 0, n)
         yield r
     finally:
