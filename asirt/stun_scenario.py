@@ -41,14 +41,13 @@ from shm_layout.stun import MAX_DOMAINS
 __all__ = ["PROTOCOLS", "ALL_PROTOCOLS", "SAFE_PROTOCOLS", "TRANSPORTS", "BARRIERS", "FAULTS",
            "METRICS", "run_stun", "run_stress", "run_coresched", "plan_cores", "count_stun",
            "run_stun_scenario",
-           "STRESS_CI", "STRESS_DONE"]
+           "STRESS_CI"]
 
 METRICS = ("stun_roundtrip", "unstun_resume", "barrier_wait", "exposure_window")
 FAULTS = ("kill", "stop", "delay")
 MAX_VIOLATIONS_LISTED = 50
 #: the CI version of the done-criterion (tests/test_stress.py) and the full one (README)
 STRESS_CI = 100_000
-STRESS_DONE = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,7 @@ def plan_cores(topo: Topology, lanes_per_core: int | None = None) -> list[list[i
     return cores
 
 
-def _plan(core_cpus: list[list[int]], params: dict[str, Any], monitor: bool,
-          monitor_params: dict[str, Any] | None = None) -> _Plan:
+def _plan(core_cpus: list[list[int]], params: dict[str, Any], monitor: bool) -> _Plan:
     cores: list[list[int]] = []
     slot = 0
     for cpus in core_cpus:
@@ -96,7 +94,7 @@ def _plan(core_cpus: list[list[int]], params: dict[str, Any], monitor: bool,
         mon = len(workers)
         # not a sibling of anything: it shares the last CPU and yields between samples
         workers.append(WorkerSpec(core_cpus[-1][-1], "monitor",
-                                  {"cores": cores, **(monitor_params or {})}, spins=False))
+                                  {"cores": cores}, spins=False))
     return _Plan(workers, cores, core_cpus, mon, over)
 
 

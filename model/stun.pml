@@ -61,7 +61,10 @@
 #if N < 2 || N > 4
 #error "N must be 2, 3 or 4"
 #endif
-#define D 2
+#define D 2       /* S3_OK, RUNS1/RUNS2 and R6 below are written out for two domains */
+#if D != 2
+#error "the model is written for D = 2 domains"
+#endif
 
 #define IDLE    0
 #define HOST    1
