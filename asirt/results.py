@@ -65,7 +65,8 @@ class Entry:
 
 def check_problems(entries: list[Entry]) -> list[str]:
     """Why a run must exit 1: a worker failed, a protocol that claims safety showed a violation
-    or a leak, or a stress run's own verdict (liveness, undetected fault) is negative."""
+    or a leak, a stress run's own verdict (liveness, undetected fault) is negative, or a
+    stress run of a protocol known to be unsafe found nothing (its checkers could not fail)."""
     out = []
     for e in entries:
         where = f"{e.scenario} {e.strategy} {e.transport} cpus {','.join(map(str, e.cpus))}"
@@ -76,6 +77,11 @@ def check_problems(entries: list[Entry]) -> list[str]:
         elif e.extra.get("ok") is False:
             out.append(f"{where}: the stress check failed (liveness {e.extra.get('liveness')}, "
                        f"faults {e.extra.get('faults')})")
+        if (e.scenario == "stress" and e.extra.get("safe_protocol") is False
+                and e.extra.get("delays") and not e.counters.get("violations") and not e.leaks):
+            out.append(f"{where}: the unsafe protocol showed no violation and no leak under "
+                       "randomized delays, so this run shows nothing about the checkers; run "
+                       "longer (--transitions), and if it persists a checker is broken")
     return out
 
 

@@ -379,3 +379,10 @@ def test_a_violation_under_a_safe_protocol_fails_the_run():
     stalled = Entry("stress", "naive", "spin", [0, 1], 1.0, extra={"ok": False})
     assert len(check_problems([bad, unsafe, stalled])) == 2
     assert "claims safety" in check_problems([bad])[0]
+    # a stress run of a broken protocol that found nothing proves nothing about the checkers
+    blind = Entry("stress", "naive", "spin", [0, 1], 1.0, counters={"violations": 0},
+                  extra={"safe_protocol": False, "delays": True, "ok": True})
+    assert "shows nothing about the checkers" in check_problems([blind])[0]
+    calm = Entry("stress", "naive", "spin", [0, 1], 1.0, counters={"violations": 0},
+                 extra={"safe_protocol": False, "delays": False, "ok": True})
+    assert check_problems([calm]) == []         # without delays naive may well stay clean
