@@ -290,3 +290,23 @@ def test_leak_hook_reads_the_uarch_buffer_when_the_region_has_one():
     finally:
         r.close()
         r.unlink()
+
+
+def test_a_dead_siblings_violations_stop_counting_once_its_death_is_seen():
+    """sibling_counts reuses a live answer for ALIVE_FOR_NS (a /proc read per report was
+    most of the checker's cost under naive); after that a dead sibling no longer counts."""
+    import time
+
+    from asirt.stun import ALIVE_FOR_NS
+    from tests.test_stun import _dead_pid
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        b.enter_guest()
+        s1 = a.cnt + COUNTER["v_s1"]
+        a.enter_host()                         # b in GUEST beside HOST: S1, b alive
+        assert a.w[s1] == 1
+        a.leave_host()
+        a.w[a.s_pid[1]] = _dead_pid()
+        time.sleep(2 * ALIVE_FOR_NS / 1e9)
+        a.enter_host()
+        assert a.w[s1] == 1, "a dead sibling's stale GUEST counted as a violation"
