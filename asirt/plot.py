@@ -32,7 +32,7 @@ def plot_run(run_dir: str) -> list[str]:
                              "pip install 'asirt[plot]' to get PNG plots") from err
     by_metric: dict[str, list[str]] = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(run_dir, "*.hgrm"))):
-        label, _, metric = os.path.basename(path)[:-len(".hgrm")].rpartition("-")
+        metric = os.path.basename(path)[:-len(".hgrm")].rpartition("-")[2]
         by_metric[metric].append(path)
     written = []
     for metric, paths in by_metric.items():

@@ -25,6 +25,10 @@ class SystemInfo:
     nohz_full_cpus: tuple[int, ...]
     governors: dict[int, str]        # CPUs with a cpufreq driver only
 
+    @property
+    def by_governor(self) -> dict[str, list[int]]:
+        return _by_governor(self.governors)
+
     def to_json(self) -> dict:
         return {"warnings": list(self.warnings), "vulnerabilities": dict(self.vulnerabilities),
                 "isolated_cpus": list(self.isolated_cpus),
@@ -70,6 +74,13 @@ def _isolation(cpu_dir: str, cpus: list[int]) -> tuple[list[int], list[int], lis
     return isolated, nohz, warnings
 
 
+def _by_governor(governors: dict[int, str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for cpu, gov in sorted(governors.items()):
+        out.setdefault(gov, []).append(cpu)
+    return out
+
+
 def _governors(cpu_dir: str, cpus: list[int]) -> tuple[dict[int, str], list[str]]:
     # cpuN/cpufreq/ exists only with a cpufreq driver; most VMs have none (the host decides).
     governors = {}
@@ -77,12 +88,10 @@ def _governors(cpu_dir: str, cpus: list[int]) -> tuple[dict[int, str], list[str]
         gov = read_attr(os.path.join(cpu_dir, f"cpu{cpu}", "cpufreq", "scaling_governor"))
         if gov is not None:
             governors[cpu] = gov
-    by_gov: dict[str, list[int]] = {}
-    for cpu, gov in governors.items():
-        by_gov.setdefault(gov, []).append(cpu)
     warnings = [f"CPU frequency governor of CPUs {format_cpu_list(c)} is {gov!r}: the clock "
                 f"follows the load; use 'performance' (cpupower frequency-set -g performance), "
-                f"{_TUNE}" for gov, c in sorted(by_gov.items()) if gov != "performance"]
+                f"{_TUNE}" for gov, c in sorted(_by_governor(governors).items())
+                if gov != "performance"]
     return governors, warnings
 
 

@@ -430,9 +430,6 @@ def format_topology(topo: Topology, system: SystemInfo) -> str:
                          for p, c in topo.packages.items())
     usable = _cores_text(topo.usable_cores) + (" (EMULATED: not real siblings)"
                                                if topo.emulated else "")
-    governors: dict[str, list[int]] = {}
-    for cpu, gov in system.governors.items():
-        governors.setdefault(gov, []).append(cpu)
     lines = [
         *row("sysfs root", topo.sysfs_root),
         *row("online CPUs", f"{format_cpu_list(topo.online_cpus)} (offline: "
@@ -448,7 +445,7 @@ def format_topology(topo: Topology, system: SystemInfo) -> str:
         *row("isolated CPUs", format_cpu_list(system.isolated_cpus) or "none"),
         *row("nohz_full CPUs", format_cpu_list(system.nohz_full_cpus) or "none"),
         *row("governors", "; ".join(f"{g}: CPUs {format_cpu_list(c)}"
-                                    for g, c in governors.items()) or "no cpufreq"),
+                                    for g, c in system.by_governor.items()) or "no cpufreq"),
         "vulnerabilities:" if system.vulnerabilities else "vulnerabilities: not reported",
     ]
     width = max((len(name) for name in system.vulnerabilities), default=0)
