@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 from asirt.errors import BadInput
+from shm_layout.sections import MAX_SIBLINGS
 
 if TYPE_CHECKING:
     from asirt.system import SystemInfo
@@ -28,7 +29,7 @@ CPU_DIR = "devices/system/cpu"
 # allocating a list of a billion CPUs.
 MAX_CPU = 65535
 # The widest real SMT is 8 threads per core (IBM POWER8 and later).
-MAX_EMULATED_K = 8
+MAX_EMULATED_K = MAX_SIBLINGS   # the region has room for this many lanes per core
 _NUMBER = re.compile(r"[0-9]+")
 
 
@@ -405,7 +406,7 @@ def select_topology(topo: Topology, mode: str, cpus: list[int] | None = None) ->
         why = f"forced by --topology {mode.strip()}"
     pseudo = _emulate(real, k)
     warning = (f"emulated sibling grouping: {why}, so distinct CPUs are grouped into pseudo-cores "
-               f"{' '.join('[' + ','.join(map(str, c)) + ']' for c in pseudo)}; handshake and "
+               f"{_cores_text(pseudo)}; handshake and "
                f"IPI latencies are real cross-CPU numbers, but pseudo-siblings share no L1D or "
                f"fill buffers")
     return replace(topo, usable_cores=pseudo, smt=False, emulated=True, warnings=(warning,))
