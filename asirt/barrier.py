@@ -103,31 +103,38 @@ class SpinBarrier:
 
     def enter(self, max_wait_ns: int | None = None) -> Result:
         """Wait until the barrier holds, then enter GUEST. The CPU must be in ASI(d), d != 0."""
-        cpu = self.cpu
-        dl = cpu.dl
+        cpu, rec = self.cpu, self.rec
         t0 = now()
         deadline = None if max_wait_ns is None else t0 + max_wait_ns
         while True:
             cpu.safe_point()
-            if not cpu.barrier_on:
-                r, j = Result.OK, -1
-            else:
-                r, j = check(cpu)
-            if r == Result.OK:
-                if dl:
-                    dl()
-                t = cpu.enter_guest()
-                if self.rec is not None:
-                    self.rec(t - t0)
-                return r
-            if r == Result.DOMAIN:
-                return r
-            # bail out; wait for lane j to change state, answering requests meanwhile
-            if j == cpu.lane:
-                continue
-            r = wait_change(cpu, j, deadline, Phase.BARRIER)
+            r = gate(cpu, t0, deadline, rec)
             if r is not None:
                 return r
+
+
+def gate(cpu: StunCpu, t0: int, deadline: int | None,
+         rec: Callable[[int], None] | None) -> Result | None:
+    """The end of both barriers: B1-B3 and the buffer, then B4 (OK, the wait since ``t0``
+    recorded), DOMAIN, STOP or TIMEOUT; None: not yet, go round again (after waiting for the
+    lane that blocked, answering requests meanwhile)."""
+    r, j = check(cpu) if cpu.barrier_on else (Result.OK, -1)
+    if r == Result.OK:
+        if cpu.dl:
+            cpu.dl()
+        t = cpu.enter_guest()
+        if rec is not None:
+            rec(t - t0)
+        return r
+    if r == Result.DOMAIN:
+        return r
+    if j == cpu.lane:      # our flush did not leave the buffer clean: try again, within bounds
+        if cpu.w[STOP_WORD]:
+            return Result.STOP
+        if deadline is not None and now() > deadline:
+            return Result.TIMEOUT
+        return None
+    return wait_change(cpu, j, deadline, Phase.BARRIER)
 
 
 def wait_change(cpu: StunCpu, j: int, deadline: int | None, phase: Phase) -> Result | None:
@@ -326,21 +333,9 @@ class RendezvousBarrier:
                     return r
             w[cpu.cnt + COUNTER["rv_rounds"]] += 1
             # The round is open: every present sibling arrived. Re-check what safety needs.
-            if not cpu.barrier_on:
-                r, j = Result.OK, -1
-            else:
-                r, j = check(cpu)
-            if r == Result.OK:
-                t = cpu.enter_guest()
-                if self.rec is not None:
-                    self.rec(t - t0)
+            r = gate(cpu, t0, deadline, self.rec)
+            if r is not None:
                 return r
-            if r == Result.DOMAIN:
-                return r
-            if j != cpu.lane:
-                r2 = wait_change(cpu, j, deadline, Phase.BARRIER)
-                if r2 is not None:
-                    return r2
 
     def _wait_round(self, epoch: int, deadline: int | None) -> Result | None:
         """Wait for the round to open (None). BUSY: a request is pending; STOP; TIMEOUT."""

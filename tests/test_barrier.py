@@ -52,6 +52,21 @@ def test_idle_sibling_does_not_block_and_a_dirty_buffer_is_flushed_first():
         assert counter(a, "barrier_dirty") == 1 and counter(a, "entry_flushes") == 1
 
 
+@pytest.mark.parametrize("kind", ["spin", "rendezvous"])
+def test_a_buffer_that_stays_dirty_ends_in_timeout_not_a_spin(kind):
+    """If our own flush cannot clean the buffer (here: a flush that does nothing), the barrier
+    keeps trying only until its deadline: it used to loop with no deadline or STOP check."""
+    with stun_region(2) as r:
+        a, b = cpus(r, 2)
+        b._set(HOST, 1)
+        b._set(IDLE, 0)                          # a deposit a's domain may not see
+        a.flush = lambda: None
+        bar = make_barrier(kind, a, 0)
+        entry = Background(lambda: bar.enter(50_000_000))
+        assert entry.result(timeout=20) == Result.TIMEOUT
+        assert a.mode == ASI
+
+
 def test_noflush_variant_does_not_look_at_the_buffer():
     with stun_region(2) as r:
         a, b = cpus(r, 2, StunConfig(protocol="noflush", oversubscribed=True))
