@@ -445,6 +445,7 @@ class _Watch:
         if self.victim is None:
             return report
         vcpu = self.plan.workers[self.victim].cpu
+        core = next(c for c in self.plan.cores if self.victim in c)   # the victim's siblings
         for f in self.faults:
             if f not in self.injected and f != "delay":
                 report.append({"fault": f, "slot": self.victim, "cpu": vcpu, "injected": False,
@@ -453,7 +454,9 @@ class _Watch:
             if f == "delay":
                 evs = [e for e in col["events"] if e["kind"] == "TIMEOUT"
                        and e["other_slot"] == self.victim]
-                waited = sum(col["counters"][s]["slow"] for s in self.vslots if s != self.victim)
+                # slow waits are counted per CPU, not per lane waited for: the victim's
+                # siblings are the only ones that wait for it
+                waited = sum(col["counters"][s]["slow"] for s in core if s != self.victim)
                 report.append({"fault": "delay", "slot": self.victim, "cpu": vcpu,
                                "injected": True, "detected": waited > 0 or bool(evs),
                                "detail": f"{waited} liveness checks found it alive and waited"})
@@ -461,7 +464,6 @@ class _Watch:
             want = "FENCE_DEAD" if f == "kill" else "FENCE_STOPPED"
             evs = [e for e in col["events"] if e["kind"] in ("FENCE_DEAD", "FENCE_STOPPED")
                    and e["other_slot"] == self.victim]
-            core = next(c for c in self.plan.cores if self.victim in c)
             bit = 1 << core.index(self.victim)      # fence masks are by lane within the core
             fenced_by = [s for s in core if s != self.victim and col["fenced"][s] & bit]
             report.append({
