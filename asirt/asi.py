@@ -429,6 +429,7 @@ class Asi:
         q, r = self.q, self.rec
         for f in ("current", "target", "intr_depth"):
             q[r + _C[f]] = 0
+        self._intr.clear()           # the spaces interrupted handlers return to (intr_depth)
         q[r + _C["pid"]] = os.getpid()
         q[self._taint], q[self._tdom] = _KERNEL, 0
         self.tlb.clear()
