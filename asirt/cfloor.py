@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from asirt import histogram, spin
+from asirt import histogram
+from asirt.cpu.wait import SPIN_LIMIT
 from asirt.errors import FeatureMissing
 
 C_SOURCE = r"""
@@ -138,7 +139,7 @@ class CFloor:
         with open(src, "w") as f:
             f.write(C_SOURCE)
         cmd = [cc, "-O2", "-pthread", f"-DSUB_BITS={histogram.SUB_BITS}",
-               f"-DNBUCKETS={histogram.NBUCKETS}", f"-DSPIN_LIMIT={spin.SPIN_LIMIT}L", src,
+               f"-DNBUCKETS={histogram.NBUCKETS}", f"-DSPIN_LIMIT={SPIN_LIMIT}L", src,
                "-o", self.exe]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
@@ -164,7 +165,7 @@ class CFloor:
         return [int(x) for x in res.stdout.split()]
 
     def spin_limit(self) -> int:
-        """The polls before yielding the C program was compiled with (asirt.spin.SPIN_LIMIT)."""
+        """The polls before yielding the C program was compiled with (asirt.cpu.wait.SPIN_LIMIT)."""
         res = subprocess.run([self.exe, "--spin-limit"], capture_output=True, text=True,
                              timeout=60, check=True)
         return int(res.stdout)

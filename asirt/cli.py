@@ -9,8 +9,15 @@ import signal
 import sys
 from typing import Any, Iterable, Sequence
 
-from asirt import bench, results, stun_scenario
+from asirt import results, scenarios
+from asirt.cpu.transport import TRANSPORTS
 from asirt.errors import AsirtError, BadInput
+from asirt.params import CpuParams, StressParams
+from asirt.progress import ProgressLine
+from asirt.scenarios import stress
+from asirt.scenarios.common import plan_cores
+from asirt.sync.barrier import BARRIERS
+from asirt.sync.stun import ALL_PROTOCOLS, PROTOCOLS
 from asirt.system import read_system
 from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
 from shm_layout import list_leftovers, reclaim
@@ -31,7 +38,7 @@ def _duration(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     try:
-        return bench.check_duration(value)
+        return scenarios.check_duration(value)
     except BadInput as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -59,14 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print JSON")
 
     b = sub.add_parser("bench", help="run a benchmark scenario and write a run directory")
-    b.add_argument("scenario", nargs="?", default=bench.DEFAULT_SCENARIO,
-                   help="; ".join(f"{k}: {v.help}" for k, v in bench.SCENARIOS.items())
-                   + f" (default {bench.DEFAULT_SCENARIO})")
-    b.add_argument("--transport", default=",".join(bench.TRANSPORTS),
-                   help=f"comma-separated subset of {','.join(bench.TRANSPORTS)} (default all)")
-    b.add_argument("--protocol", default=",".join(stun_scenario.PROTOCOLS),
-                   help="stun: comma-separated subset of "
-                   f"{','.join(stun_scenario.PROTOCOLS)} (default both)")
+    b.add_argument("scenario", nargs="?", default=scenarios.DEFAULT_SCENARIO,
+                   help="; ".join(f"{k}: {v.help}" for k, v in scenarios.SCENARIOS.items())
+                   + f" (default {scenarios.DEFAULT_SCENARIO})")
+    b.add_argument("--transport", default=",".join(TRANSPORTS),
+                   help=f"comma-separated subset of {','.join(TRANSPORTS)} (default all)")
+    b.add_argument("--protocol", default=",".join(PROTOCOLS),
+                   help=f"stun: comma-separated subset of {','.join(PROTOCOLS)} (default both)")
     b.add_argument("--cpus", metavar="LIST", help="CPUs to use, e.g. 0-3,8 (default all allowed)")
     b.add_argument("--duration", type=_duration, default=2.0, metavar="SECONDS",
                    help="measuring time of each entry (default 2)")
@@ -82,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stress", help="randomized transitions and injected faults; checks S1-S3 "
                         "and liveness")
     st.add_argument("--protocol", default="strict",
-                    help=f"comma-separated subset of {','.join(stun_scenario.ALL_PROTOCOLS)} "
+                    help=f"comma-separated subset of {','.join(ALL_PROTOCOLS)} "
                     "(default strict; naive and the broken variants must show violations)")
     length = st.add_mutually_exclusive_group()
     length.add_argument("--duration", type=_duration, metavar="SECONDS",
@@ -93,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inject these faults into one worker; the others must detect them")
     st.add_argument("--workers", type=_positive_int, metavar="N",
                     help="siblings per core (more than the core's CPUs oversubscribes them)")
-    st.add_argument("--seed", type=int, default=1, help="seed of the random walk (default 1)")
-    st.add_argument("--transport", default="spin", choices=bench.TRANSPORTS)
-    st.add_argument("--barrier", default="spin", choices=stun_scenario.BARRIERS)
+    st.add_argument("--seed", type=int, default=StressParams.seed,
+                    help=f"seed of the random walk (default {StressParams.seed})")
+    st.add_argument("--transport", default=CpuParams.transport, choices=TRANSPORTS)
+    st.add_argument("--barrier", default=StressParams.barrier, choices=BARRIERS)
     st.add_argument("--no-delays", action="store_true",
                     help="no injected sleeps and yields between protocol steps")
     st.add_argument("--cpus", metavar="LIST", help="CPUs to use (default all allowed)")
@@ -136,34 +143,34 @@ def _selected_topology(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.scenario not in bench.SCENARIOS:
+    if args.scenario not in scenarios.SCENARIOS:
         raise BadInput(f"scenario {args.scenario!r}", "is not one asirt knows",
-                       f"choose from {', '.join(bench.SCENARIOS)}")
-    opts = bench.Options(
-        transports=tuple(bench.parse_choices(args.transport, bench.TRANSPORTS, "--transport")),
+                       f"choose from {', '.join(scenarios.SCENARIOS)}")
+    opts = scenarios.Options(
+        transports=tuple(scenarios.parse_choices(args.transport, TRANSPORTS, "--transport")),
         duration_s=args.duration, floor=not args.no_floor,
-        protocols=tuple(bench.parse_choices(args.protocol, stun_scenario.PROTOCOLS, "--protocol")))
-    scenario = bench.SCENARIOS[args.scenario]
+        protocols=tuple(scenarios.parse_choices(args.protocol, PROTOCOLS, "--protocol")))
+    scenario = scenarios.SCENARIOS[args.scenario]
     topo = _selected_topology(args)
-    progress = bench.ProgressLine(scenario.count(topo, opts), quiet=args.quiet)
+    progress = ProgressLine(scenario.count(topo, opts), quiet=args.quiet)
     config = {"scenario": args.scenario, **dataclasses.asdict(opts)}
     return _run(args, args.scenario, topo, config, scenario.run(topo, opts, progress))
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
-    protocols = bench.parse_choices(args.protocol, stun_scenario.ALL_PROTOCOLS, "--protocol")
-    faults = tuple(bench.parse_choices(args.faults, stun_scenario.FAULTS, "--faults")
+    protocols = scenarios.parse_choices(args.protocol, ALL_PROTOCOLS, "--protocol")
+    faults = tuple(scenarios.parse_choices(args.faults, stress.FAULTS, "--faults")
                    if args.faults else ())
     if args.transitions is None and args.duration is None:
         args.duration = 10.0
     topo = _selected_topology(args)
-    stun_scenario.plan_cores(topo, args.workers)      # refuses a topology with no siblings
-    progress = bench.ProgressLine(len(protocols), quiet=args.quiet)
+    plan_cores(topo, args.workers)      # refuses a topology with no siblings
+    progress = ProgressLine(len(protocols), quiet=args.quiet)
     config = {"scenario": "stress", "protocols": protocols, "duration_s": args.duration,
               "transitions": args.transitions, "faults": list(faults), "workers": args.workers,
               "seed": args.seed, "transport": args.transport, "barrier": args.barrier,
               "delays": not args.no_delays}
-    runs = (stun_scenario.run_stress(
+    runs = (stress.run_stress(
         topo, p, transitions=args.transitions, duration_s=args.duration, seed=args.seed,
         delays=not args.no_delays, faults=faults, progress=progress, transport=args.transport,
         barrier=args.barrier, lanes_per_core=args.workers) for p in protocols)
@@ -210,7 +217,7 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     for line in problems:
         print(f"asirt: check failed: {line}", file=sys.stderr)
     for e in entries:
-        if (e.scenario != "stress" and e.extra.get("safe_protocol") is False
+        if (e.scenario != "stress" and e.claims_safety is False
                 and not e.counters.get("violations")):
             print(f"asirt: note: the unsafe protocol {e.strategy!r} showed no violation in this "
                   "run; run longer or with delays to see the checkers catch it", file=sys.stderr)

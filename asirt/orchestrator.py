@@ -10,7 +10,6 @@ kept.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,14 +17,16 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import psutil
 
+from asirt import cpu as cpu_layer
 from asirt import histogram
 from asirt.errors import AsirtError, WorkerFailed
+from asirt.params import encode
 from shm_layout import Region, RegionState, Section, WorkerState, reclaim
 from shm_layout.header import START_NS_WORD, STOP_WORD
 from shm_layout.sections import MAX_SIBLINGS
@@ -39,7 +40,7 @@ POLL_S = 0.05
 class WorkerSpec:
     cpu: int
     role: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Any             # the role's parameter dataclass (asirt.params)
     spins: bool = True      # busy-waits; False for a sampler that sleeps between samples
 
 
@@ -53,7 +54,8 @@ class RunSpec:
     emulated: bool = False
     l1d_bytes: int = 0
     extra_sections: Sequence[Section] = ()
-    init: Callable[[Region], None] | None = None  # parent-side setup before workers start
+    #: parent-side setup before workers start (the CPU sections are set up already)
+    init: Callable[[Region], None] | None = None
     #: stop early once every worker whose role is listed here is DONE (or failed)
     finish_when_done: Sequence[str] = ()
     #: parent-side read of the region after the workers stopped, before it is unlinked;
@@ -146,9 +148,9 @@ class _Children:
 
 
 def _sections(spec: RunSpec) -> list[Section]:
-    n, m = len(spec.workers), len(spec.metrics)
-    return [Section("slots", n), Section("cores", max(len(spec.cores), 1)),
-            Section("metrics", m), Section("hist", n * m), *spec.extra_sections]
+    n, m, k = len(spec.workers), len(spec.metrics), max(len(spec.cores), 1)
+    return [Section("slots", n), Section("cores", k), Section("metrics", m),
+            Section("hist", n * m), *cpu_layer.sections(n, k), *spec.extra_sections]
 
 
 def _fill(region: Region, spec: RunSpec) -> None:
@@ -168,13 +170,14 @@ def _fill(region: Region, spec: RunSpec) -> None:
     for i, name in enumerate(spec.metrics):
         metrics[i]["name"] = name.encode()
         metrics[i]["unit"] = b"ns"
+    cpu_layer.setup(region)
 
 
 def _worker_argv(region: Region, slot: int, ws: WorkerSpec, over: bool) -> list[str]:
-    params = {"oversubscribed": over, **ws.params}      # a spec's own value wins (tests)
-    return [sys.executable, "-m", "workers", "--cpu", str(ws.cpu), "--slot", str(slot),
-            "--region", region.name, "--role", ws.role, "--params", json.dumps(params),
+    argv = [sys.executable, "-m", "workers", "--cpu", str(ws.cpu), "--slot", str(slot),
+            "--region", region.name, "--role", ws.role, "--params", encode(ws.params),
             "--parent", str(os.getpid())]
+    return argv + ["--oversubscribed"] if over else argv
 
 
 def _describe_exit(proc: subprocess.Popen) -> str:

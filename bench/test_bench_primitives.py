@@ -17,6 +17,7 @@ import pytest
 from asirt import histogram, orchestrator
 from asirt.cfloor import CFloor, compiler
 from asirt.orchestrator import RunSpec, WorkerSpec
+from asirt.params import PingpongParams
 from shm_layout.header import STOP_WORD
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -115,11 +116,11 @@ def test_spin_transport_vs_c_floor(benchmark, request):
     def measure():
         with CFloor() as floor:
             floor_p50 = histogram.summarize(floor.measure(a, b, 1.0).counts).p50
-        common = {"transport": "spin"}
         out = orchestrator.run(RunSpec(
-            workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
-                     WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],
+            workers=[WorkerSpec(a, "pingpong", PingpongParams("ping", peer=1, transport="spin")),
+                     WorkerSpec(b, "pingpong", PingpongParams("pong", peer=0, transport="spin"))],
             metrics=["roundtrip"], duration_s=1.0, cores=[[0, 1]]))
+        assert out.failures == [], out.failures
         spin_p50 = histogram.summarize(out.merged(0)).p50
         ratios.append(spin_p50 / floor_p50)
         benchmark.extra_info.update(floor_p50_ns=floor_p50, spin_p50_ns=spin_p50,

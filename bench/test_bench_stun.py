@@ -20,12 +20,12 @@ import os
 
 import pytest
 
-from asirt import histogram, orchestrator
+from asirt import histogram
 from asirt.cfloor import CFloor, compiler
-from asirt.orchestrator import RunSpec, WorkerSpec
-from asirt.stun_scenario import run_stun
+from asirt.scenarios import pingpong
+from asirt.scenarios.stun import run_stun
 from asirt.topology import read_topology, select_topology
-from tests.stun_fixtures import test_topology
+from tests.fixtures import test_topology
 
 SPIN_RATIO = float(os.environ.get("ASIRT_STUN_SPIN_RATIO", "3.0"))
 SIGNAL_RATIO = float(os.environ.get("ASIRT_STUN_SIGNAL_RATIO", "1.5"))
@@ -49,13 +49,9 @@ def _stun_p50(transport: str) -> tuple[int, dict]:
 
 
 def _pingpong_p50(transport: str, a: int, b: int) -> int:
-    common = {"transport": transport}
-    spec = RunSpec(workers=[WorkerSpec(a, "pingpong", {**common, "side": "ping", "peer": 1}),
-                            WorkerSpec(b, "pingpong", {**common, "side": "pong", "peer": 0})],
-                   metrics=["roundtrip"], duration_s=SECONDS, cores=[[0, 1]])
-    out = orchestrator.run(spec)
-    assert out.failures == []
-    return histogram.summarize(out.merged(0)).p50
+    p50, failures = pingpong.p50_of(a, b, transport, SECONDS)
+    assert failures == []
+    return p50
 
 
 def _report(benchmark, name: str, stun: int, ref: int, target: float, info: dict) -> None:
@@ -102,16 +98,16 @@ def test_spin_barrier_enter_and_guest_exit_in_process(benchmark):
     """One VM entry through the spin barrier and back out, uncontended, in one process (no
     second worker): the per-entry cost of B1-B4 and the transition-time assertion. Keeps
     the hoisting of counter indices honest (3-5% of this figure in A/B runs)."""
-    from asirt.barrier import Result, SpinBarrier
-    from asirt.stun import StunConfig
-    from tests.stun_fixtures import cpus, stun_region
+    from asirt.params import CpuParams
+    from asirt.sync.barrier import Result, SpinBarrier
+    from tests.fixtures import cpu_region, make_stuns
 
-    with stun_region(2) as r:
-        a, _b = cpus(r, 2, StunConfig(oversubscribed=False))
+    with cpu_region(2) as r:
+        a, _b = make_stuns(r, 2, params=CpuParams(oversubscribed=False))
         bar = SpinBarrier(a)
 
         def entry() -> None:
             assert bar.enter(10**9) == Result.OK
-            a.exit_guest()
+            a.cpu.state.exit_guest()
 
         benchmark(entry)

@@ -11,7 +11,8 @@ from shm_layout.sections import (CORE_DTYPE, HIST_BUCKETS, METRIC_DTYPE, SLOT_DT
 from shm_layout.region import Region, list_leftovers, reclaim
 # Importing these registers their sections, so every attach knows their dtypes.
 from shm_layout import asi as _asi  # noqa: F401,E402
-from shm_layout import stun as _stun  # noqa: F401,E402
+from shm_layout import cpu as _cpu  # noqa: F401,E402
+from shm_layout import sync as _sync  # noqa: F401,E402
 
 __all__ = [
     "AsirtError", "LayoutMismatch", "SegmentMissing", "HEADER_DTYPE", "LAYOUT_VERSION", "MAGIC",

@@ -1,5 +1,6 @@
-"""Sections of the Address Space Isolation state: frames, page tables, ASI instances, per-CPU
-ASI state with its TLB, and each core's micro-architectural buffer.
+"""Sections of the Address Space Isolation state: frames, page tables, ASI instances, and per-CPU
+ASI state with its TLB. (The core buffer these CPUs load into is the CPU layer's: shm_layout.cpu;
+their counters are in ``cpu_state.counters``.)
 
 Every field is an unsigned 64-bit word so the hot paths read all of them through one
 ``memoryview('Q')`` over the region (:func:`u64_view`); page-table entries use bit 63 (NX),
@@ -10,22 +11,19 @@ Writers, field by field (DESIGN.md: one writer per field, or a lock):
   region's ``ptlock`` semaphore (the parent during init; any CPU's map/unmap later). Walkers
   read tables lock-free and validate with the ``seq`` seqcount.
 - ``asi_cpu[c]``: CPU ``c`` only (its pinned worker).
-- ``asi_uarch[k].lanes[s]``: the CPU in lane ``s`` of core ``k`` only; ``l1d_bytes`` and
-  ``nlanes``: the parent, at init.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from shm_layout.region import Region
-from shm_layout.sections import ALIGN, MAX_SIBLINGS, register
+from shm_layout.sections import ALIGN, register
 
 PAGE_SIZE = 4096
 PT_ENTRIES = 512      # entries per table, every level
 MAX_ASI = 64          # instance slots; an instance's PCID is its index, 0 is the full tree
 TLB_ENTRIES = 64      # per CPU, direct-mapped by page number
-TLB_WORDS = 2         # tag, pte per TLB entry (asirt.tlb packs the tag)
-UARCH_RING = 16       # tokens remembered per sibling lane of a core's buffer
+TLB_WORDS = 2         # tag, pte per TLB entry (asirt.mm.tlb packs the tag)
 
 U8 = "<u8"
 
@@ -77,46 +75,20 @@ INST_DTYPE = register("asi_inst", np.dtype([
 CPU_DTYPE = register("asi_cpu", np.dtype([
     ("online", U8),               # 1 while a worker drives this CPU (shootdowns wait for it)
     ("pid", U8),
-    ("core", U8),                 # index into asi_uarch (parent, at init)
-    ("lane", U8),                 # this CPU's lane in its core's buffer (parent, at init)
     ("current", U8),              # instance the CPU runs in now (0: the full tree)
     ("target", U8),               # instance asi_enter last chose; kept across asi_exit
-    ("taint", U8),                # asirt.asi.Taint bits
-    ("taint_dom", U8),            # domain whose guest data TAINT_GUEST refers to
     ("intr_depth", U8),           # asi_intr_enter nesting
-    ("faults", U8),               # accesses that faulted in a restricted tree and retried
-    ("flushes", U8),              # core-buffer flushes done by this CPU
-    ("tlb_flushes", U8),          # PCID flushes: lazy (at switch) and requested (shootdown)
-    ("tlb_misses", U8),
-    ("shootdowns_sent", U8),
-    ("shootdowns_avoided", U8),
-    ("_pad", U8),
+    ("_pad", U8, (11,)),
     ("seen", U8, (MAX_ASI,)),     # per PCID: the instance generation this TLB is flushed to
     ("tlb", U8, (TLB_ENTRIES * TLB_WORDS,)),
 ]))
 
-LANE_DTYPE = np.dtype([
-    ("ring", U8, (UARCH_RING,)),  # tokens, slot = deposit sequence number % UARCH_RING
-    ("head", U8),                 # deposits so far
-    ("flushed", U8, (MAX_SIBLINGS,)),  # head of each lane as this lane's CPU saw it at its flush
-    ("_pad", U8, (7,)),
-])
-UARCH_DTYPE = register("asi_uarch", np.dtype([
-    ("l1d_bytes", U8),
-    ("nlanes", U8),
-    ("_pad", U8, (14,)),
-    ("lanes", LANE_DTYPE, (MAX_SIBLINGS,)),
-]))
-
-for _dt in (ASI_CTL_DTYPE, INST_DTYPE, CPU_DTYPE, UARCH_DTYPE, LANE_DTYPE):
+for _dt in (ASI_CTL_DTYPE, INST_DTYPE, CPU_DTYPE):
     assert _dt.itemsize % ALIGN == 0, _dt
-for _dt in (ASI_CTL_DTYPE, FRAME_DTYPE, PTMETA_DTYPE, INST_DTYPE, CPU_DTYPE, UARCH_DTYPE,
-            LANE_DTYPE):
+for _dt in (ASI_CTL_DTYPE, FRAME_DTYPE, PTMETA_DTYPE, INST_DTYPE, CPU_DTYPE):
     assert all(f[1] % 8 == 0 for f in _dt.fields.values()), _dt
 assert ASI_CTL_DTYPE.fields["lock_pid"][1] == ALIGN        # seq has its block to itself
 assert CPU_DTYPE.fields["seen"][1] % ALIGN == 0 and CPU_DTYPE.fields["tlb"][1] % ALIGN == 0
-assert UARCH_DTYPE.fields["lanes"][1] == ALIGN
-assert LANE_DTYPE.fields["head"][1] == ALIGN               # ring and marks on separate blocks
 
 
 def word(region: Region, section: str, item: int, field: str | None = None) -> int:

@@ -10,8 +10,8 @@ import enum
 import numpy as np
 
 MAGIC = int.from_bytes(b"ASIRTSHM", "little")
-LAYOUT_VERSION = 1
-MAX_SECTIONS = 32   # base 4 + asi 7 + stun 4 = 15 today: room for the kvm scenario
+LAYOUT_VERSION = 2   # 2: one core buffer and one per-CPU state for every mechanism
+MAX_SECTIONS = 32   # base 4 + cpu 3 + sync 2 + asi 6 = 15 today: room for the kvm scenario
 SECTION_NAME_LEN = 16
 
 

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from asirt import histogram, spin
+from asirt import histogram
+from asirt.cpu.wait import SPIN_LIMIT
 from asirt.cfloor import CFloor, compiler
 
 pytestmark = [pytest.mark.skipif(compiler() is None, reason="no C compiler"),
@@ -22,7 +23,7 @@ def test_c_buckets_like_python():
 
 def test_c_spins_like_the_spin_transport():
     with CFloor() as floor:
-        assert floor.spin_limit() == spin.SPIN_LIMIT
+        assert floor.spin_limit() == SPIN_LIMIT
 
 
 @pytest.mark.multiprocess

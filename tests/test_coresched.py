@@ -6,16 +6,18 @@ import time
 
 import pytest
 
-from asirt import coresched, histogram
-from asirt.coresched import (HOST_COOKIE, PR_SCHED_CORE_CREATE, PR_SCHED_CORE_GET,
-                             SCOPE_PROCESS_GROUP, SCOPE_THREAD, SCOPE_THREAD_GROUP, CookieTable,
-                             CoreSched, KernelCoreSched, RealCoreSched, cookies_match, probe)
-from asirt.barrier import Result, SpinBarrier
+from asirt import histogram
+from asirt.cpu import ASI, GUEST, HOST
 from asirt.errors import FeatureMissing
-from asirt.stun import ASI, GUEST, HOST
-from asirt.stun_scenario import run_coresched
-from shm_layout.stun import COUNTER
-from tests.stun_fixtures import Background, cpus, stun_region, test_topology
+from asirt.scenarios.coresched import run_coresched
+from asirt.sync import coresched
+from asirt.sync.barrier import Result, SpinBarrier
+from asirt.sync.corelock import CoreLock
+from asirt.sync.coresched import (HOST_COOKIE, PR_SCHED_CORE_CREATE, PR_SCHED_CORE_GET,
+                                  SCOPE_PROCESS_GROUP, SCOPE_THREAD, SCOPE_THREAD_GROUP,
+                                  CookieTable, CoreSched, KernelCoreSched, RealCoreSched,
+                                  cookies_match, probe)
+from tests.fixtures import Background, counter, cpu_region, make_cpus, make_stuns, test_topology
 
 
 # -- the emulated prctl --------------------------------------------------------------------
@@ -98,11 +100,15 @@ def test_probe_reports_support_or_says_it_continues_emulated():
 
 # -- force idle, in-process --------------------------------------------------------------------
 
+def _scheds(r, **kw_b):
+    a, b = make_cpus(r, 2)
+    return a, b, CoreSched(a, CoreLock(a)), CoreSched(b, CoreLock(b), **kw_b)
+
+
 def test_a_sibling_of_another_cookie_is_forced_idle_until_the_core_is_free():
-    with stun_region(2) as r:
-        a, b = cpus(r, 2)
+    with cpu_region(2) as r:
         forced = []
-        ca, cb = CoreSched(a, 0), CoreSched(b, 0, patience_ns=10**9, rec_forced=forced.append)
+        a, b, ca, cb = _scheds(r, patience_ns=10**9, rec_forced=forced.append)
         assert ca.run_task(7) is True
         assert cb.run_task(9, max_wait_ns=30_000_000) is False   # forced idle, gave up
         assert cb.run_task(7) is True                          # same cookie: together
@@ -113,21 +119,20 @@ def test_a_sibling_of_another_cookie_is_forced_idle_until_the_core_is_free():
         ca.stop_task()                                         # the core is free: 9 runs
         assert waiting.result() is True
         assert len(forced) == 1 and forced[0] >= 30_000_000
-        assert b.w[b.cnt + COUNTER["forced_idle"]] == 1
-        assert r.array("stun_cpu")[1]["cookie"] == 9
+        assert counter(b, "coresched.forced_idle") == 1
+        assert r.array("core_sync")[0]["cookie"][1] == 9
         cb.stop_task()
 
 
-def test_a_patient_sibling_claims_the_core_next():
-    with stun_region(2) as r:
-        a, b = cpus(r, 2)
-        ca, cb = CoreSched(a, 0), CoreSched(b, 0, patience_ns=1_000_000)
+def test_a_patient_sibling_claims_the_core_next_and_the_runner_yields_at_its_safe_point():
+    with cpu_region(2) as r:
+        a, b, ca, cb = _scheds(r, patience_ns=1_000_000)
         assert ca.run_task(1) is True
         claim = Background(lambda: cb.run_task(2, max_wait_ns=5_000_000_000))
         deadline = time.monotonic() + 5
-        while not ca.should_yield() and time.monotonic() < deadline:
+        while not a.safepoint() and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert ca.should_yield()                  # b wants the core for cookie 2
+        assert ca.yield_now                       # b wants the core for cookie 2
         ca.stop_task()
         assert ca.run_task(1, max_wait_ns=5_000_000) is False   # the claim goes first
         assert claim.result() is True
@@ -137,18 +142,18 @@ def test_a_patient_sibling_claims_the_core_next():
 # -- kernel core scheduling ------------------------------------------------------------------
 
 def test_kcs_drops_to_the_host_cookie_for_sensitive_code_only():
-    with stun_region(1) as r:
-        (a,) = cpus(r, 1)
+    with cpu_region(1) as r:
+        (a,) = make_stuns(r, 1)
         kcs = KernelCoreSched(a, SpinBarrier(a))
-        cookie = r.array("stun_cpu")[0:1]
+        cookie = r.array("core_sync")[0]["cookie"]
         assert kcs.vm_entry(1_000_000_000) == Result.OK
-        assert a.w[a.i_mode] == GUEST and cookie["cookie"][0] == 1
+        assert a.cpu.state.mode == GUEST and cookie[0] == 1
         kcs.vm_exit()                               # non-sensitive kernel code: tag kept
-        assert a.w[a.i_mode] == ASI and cookie["cookie"][0] == 1
+        assert a.cpu.state.mode == ASI and cookie[0] == 1
         seen = []
-        assert kcs.sensitive(lambda: seen.append((a.w[a.i_mode], int(cookie["cookie"][0]))))
+        assert kcs.sensitive(lambda: seen.append((a.cpu.state.mode, int(cookie[0]))))
         assert seen == [(HOST, HOST_COOKIE)]        # untagged while sensitive
-        assert cookie["cookie"][0] == 1
+        assert cookie[0] == 1
 
 
 # -- between pinned workers --------------------------------------------------------------------
@@ -160,9 +165,10 @@ def test_enforced_core_scheduling_never_mixes_cookies_and_measures_forced_idle()
     e = run_coresched(test_topology(), 1.0, seed=3, enforce=True)
     assert e.failures == []
     assert e.counters["violations"] == 0, e.violations[:3]
-    assert e.counters["tasks"] > 0 and e.counters["m_samples"] > 0
-    assert e.counters["forced_idle"] > 0 and e.counters["forced_idle_ns"] > 0
-    assert histogram.summarize(e.hists["forced_idle"]).count == e.counters["forced_idle"]
+    assert e.counters["coresched.tasks"] > 0 and e.counters["monitor.samples"] > 0
+    assert e.counters["coresched.forced_idle"] > 0 and e.counters["coresched.forced_idle_ns"] > 0
+    assert (histogram.summarize(e.hists["forced_idle"]).count
+            == e.counters["coresched.forced_idle"])
     assert e.extra["core_sched"]["backend"] == "emulated"
     assert e.extra["core_sched"]["kernel_core_sched"] in ("supported", "not supported")
 
@@ -173,4 +179,4 @@ def test_enforced_core_scheduling_never_mixes_cookies_and_measures_forced_idle()
 def test_without_core_scheduling_the_monitor_sees_cookies_mixed():
     e = run_coresched(test_topology(), 1.0, seed=3, enforce=False)
     assert e.failures == []
-    assert e.counters["monitor_s2"] > 0 and e.counters["forced_idle"] == 0
+    assert e.counters["monitor.s2"] > 0 and e.counters["coresched.forced_idle"] == 0

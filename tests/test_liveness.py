@@ -1,4 +1,4 @@
-"""The stress run's liveness verdict (asirt.stun_scenario._Watch) can fail: each problem it
+"""The stress run's liveness verdict (asirt.scenarios.stress.Watch) can fail: each problem it
 reports -- STALL, NO_PROGRESS_AFTER_FAULT, UNFINISHED -- shown on a made-up run (a slots
 array the test writes, the parent's view of the workers), with the look-alikes it must not
 report; then UNFINISHED once end to end, on a run given more transitions than it has time for.
@@ -15,22 +15,24 @@ import numpy as np
 import pytest
 
 from asirt.orchestrator import RunOutcome
-from asirt.stun import Phase
-from asirt.stun_scenario import _plan, _Watch, run_stress
+from asirt.params import StressParams
+from asirt.scenarios.common import plan
+from asirt.scenarios.stress import Watch, run_stress
 from shm_layout import SLOT_DTYPE
+from shm_layout.cpu import Phase
 from shm_layout.sections import WorkerState
-from tests.stun_fixtures import stun_region, test_topology
+from tests.fixtures import cpu_region, test_topology
 
 STALL_S = 0.02          # the made-up runs' stall threshold; the tests wait well past it
 
 
 def _watch(*, victim: int | None = None, faults: tuple[str, ...] = (),
            transitions: int | None = None, run_s: float = 60.0, stall_s: float = 60.0,
-           holder: dict | None = None) -> _Watch:
+           holder: dict | None = None) -> Watch:
     """The watch of a stress run on one core of two lanes (slots 0 and 1), no monitor."""
-    plan = _plan([[0, 0]], {}, monitor=False)
-    return _Watch(plan, victim, faults, transitions, run_s, stall_s, None,
-                  {} if holder is None else holder)
+    pl = plan([[0, 0]], "stress", lambda k, lane: StressParams(), monitor=False)
+    return Watch(pl, victim, faults, transitions, run_s, stall_s, None,
+                 {} if holder is None else holder)
 
 
 def _slots(progress: list[int], pids: list[int] | None = None) -> np.ndarray:
@@ -47,10 +49,10 @@ def _outcome(elapsed_s: float, failures: list | None = None) -> RunOutcome:
 
 
 def _collected(transitions: list[int]) -> dict:
-    return {"counters": [{"transitions": t} for t in transitions]}
+    return {"counters": [{"cpu.transitions": t} for t in transitions]}
 
 
-def _frozen(watch: _Watch, slots: np.ndarray) -> None:
+def _frozen(watch: Watch, slots: np.ndarray) -> None:
     """Two looks at ``slots`` farther apart than the stall threshold; slot 0 moves on."""
     watch.update(0.1, slots)
     time.sleep(5 * STALL_S)
@@ -83,13 +85,13 @@ def test_progress_within_the_threshold_is_no_stall():
 @pytest.mark.parametrize("why", ["victim", "dead", "done", "finished"])
 def test_a_frozen_worker_that_is_not_stalled(why):
     """The fault's victim, a dead worker (a failure, reported as one), one that is done, and
-    one that finished its share and waits for its siblings (StunCpu.finish)."""
-    with stun_region(2) as r:
+    one that finished its share and waits for its siblings (Stun.finish)."""
+    with cpu_region(2) as r:
         slots = _slots([5, 5], pids=[os.getpid(), _dead_pid() if why == "dead" else os.getpid()])
         if why == "done":
             slots["state"][1] = WorkerState.DONE
         if why == "finished":
-            r.array("stun_cpu")["phase"][1] = Phase.FINISHED
+            r.array("cpu_state")["phase"][1] = Phase.FINISHED
         watch = _watch(stall_s=STALL_S, victim=1 if why == "victim" else None,
                        holder={"region": r})
         _frozen(watch, slots)
@@ -138,4 +140,4 @@ def test_a_stress_run_out_of_time_is_not_ok():
     e = run_stress(test_topology(), "strict", transitions=10**12, seed=1, max_s=1.0)
     assert e.failures == []
     assert [p["kind"] for p in e.extra["liveness"]] == ["UNFINISHED"], e.extra["liveness"]
-    assert e.counters["liveness_violations"] == 1 and e.extra["ok"] is False
+    assert e.counters["liveness_violations"] == 1 and e.problems

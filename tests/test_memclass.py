@@ -7,11 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import shm_layout.cpu
 from asirt.errors import AsirtError, BadInput
-from asirt.memclass import (DoubleFree, Frames, MappingRefused, MemClass, PoolExhausted,
-                            describe, make_token, token_class, token_frame, token_owner)
+from asirt.mm import memclass
+from asirt.mm.memclass import (DoubleFree, Frames, MappingRefused, MemClass, PoolExhausted,
+                               describe, make_token, token_class, token_frame, token_owner)
 from shm_layout.asi import PAGE_SIZE
-from tests.asi_fixtures import aregion, asi_region  # noqa: F401
+from shm_layout.cpu import MAX_DOMAINS
+from tests.fixtures import cpu_region
 
 
 def test_tokens_name_class_owner_and_frame():
@@ -23,12 +26,23 @@ def test_tokens_name_class_owner_and_frame():
     assert describe(MemClass.LOCAL, 3) == "local(3)" and describe(MemClass.GLOBAL, 0) == "global"
 
 
+def test_tokens_and_classes_are_the_regions_abi():
+    """They moved to shm_layout.cpu (the core buffer's tokens are part of the region's ABI);
+    asirt.mm.memclass re-exports the very same objects, not copies."""
+    for name in ("MemClass", "make_token", "token_class", "token_owner", "token_frame",
+                 "CLASS_SHIFT", "FRAME_BITS", "OWNER_MASK", "FRAME_MASK"):
+        assert getattr(memclass, name) is getattr(shm_layout.cpu, name), name
+
+
 @pytest.mark.parametrize("cls,owner,match", [
     (MemClass.FREE, 0, "not allocatable"), (9, 0, "not allocatable"),
     (MemClass.LOCAL, 0, "belongs to a domain"), (MemClass.GLOBAL, 2, "no owner"),
     (MemClass.SENSITIVE, -1, "outside"),
+    # owners are the buffer's classes: domains 0..MAX_DOMAINS (shm_layout.cpu.NCLASS)
+    (MemClass.LOCAL, MAX_DOMAINS + 1, rf"outside the domains 0\.\.{MAX_DOMAINS}"),
+    (MemClass.SENSITIVE, MAX_DOMAINS + 1, "outside"),
 ])
-def test_bad_class_or_owner(aregion, cls, owner, match):  # noqa: F811
+def test_bad_class_or_owner(aregion, cls, owner, match):
     frames = Frames(aregion)
     try:
         with pytest.raises(BadInput, match=match):
@@ -38,7 +52,17 @@ def test_bad_class_or_owner(aregion, cls, owner, match):  # noqa: F811
         frames.close()
 
 
-def test_frame_pool_exhaustion_and_double_free(aregion):  # noqa: F811
+def test_every_domain_may_own_memory(aregion):
+    frames = Frames(aregion)
+    try:
+        for d in range(1, MAX_DOMAINS + 1):
+            pfn = frames.alloc(MemClass.LOCAL, d)
+            assert token_owner(int(frames.arr["token"][pfn])) == d
+    finally:
+        frames.close()
+
+
+def test_frame_pool_exhaustion_and_double_free(aregion):
     frames = Frames(aregion)
     try:
         pfns = [frames.alloc(MemClass.SENSITIVE) for _ in range(frames.count)]
@@ -53,7 +77,7 @@ def test_frame_pool_exhaustion_and_double_free(aregion):  # noqa: F811
         frames.close()
 
 
-def test_a_sealed_frame_takes_no_more_objects(aregion):  # noqa: F811
+def test_a_sealed_frame_takes_no_more_objects(aregion):
     frames = Frames(aregion)
     try:
         pfn, off, fresh = frames.alloc_object(100, MemClass.LOCAL, 1)
@@ -83,7 +107,7 @@ def test_errors_pickle_with_their_fields():
                                            (MemClass.LOCAL, 2)])),
                 min_size=1, max_size=40))
 def test_objects_never_share_a_frame_across_class_or_owner(objs):
-    with asi_region(frames=64) as region:
+    with cpu_region(asi=True, frames=64) as region:
         frames = Frames(region)
         try:
             placed = []

@@ -11,6 +11,7 @@ import pytest
 from asirt import histogram, orchestrator
 from asirt.errors import WorkerFailed
 from asirt.orchestrator import RunSpec, WorkerSpec
+from asirt.params import MonitorParams, PingpongParams
 from shm_layout import WorkerState
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
@@ -19,9 +20,8 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 def pair_spec(transport: str, duration: float = 0.3, role: str = "pingpong") -> RunSpec:
     cpus = sorted(os.sched_getaffinity(0))
     a, b = cpus[0], cpus[-1]
-    common = {"transport": transport}
-    return RunSpec(workers=[WorkerSpec(a, role, {**common, "side": "ping", "peer": 1}),
-                            WorkerSpec(b, role, {**common, "side": "pong", "peer": 0})],
+    return RunSpec(workers=[WorkerSpec(a, role, PingpongParams("ping", 1, transport)),
+                            WorkerSpec(b, role, PingpongParams("pong", 0, transport))],
                    metrics=["roundtrip"], duration_s=duration, cores=[[0, 1]])
 
 
@@ -117,10 +117,9 @@ def test_duration_must_be_positive():
 def test_two_workers_on_one_cpu_do_not_live_lock(transport):
     """Workers outnumbering CPUs: the spin waits yield, so round trips still complete."""
     cpu = sorted(os.sched_getaffinity(0))[0]
-    common = {"transport": transport, "oversubscribed": True}
     out = orchestrator.run(RunSpec(
-        workers=[WorkerSpec(cpu, "pingpong", {**common, "side": "ping", "peer": 1}),
-                 WorkerSpec(cpu, "pingpong", {**common, "side": "pong", "peer": 0})],
+        workers=[WorkerSpec(cpu, "pingpong", PingpongParams("ping", 1, transport)),
+                 WorkerSpec(cpu, "pingpong", PingpongParams("pong", 0, transport))],
         metrics=["roundtrip"], duration_s=0.5, cores=[[0, 1]]))
     assert out.failures == []
     assert histogram.summarize(out.merged(0)).count > 10
@@ -142,11 +141,11 @@ def test_oversubscribed_is_decided_from_the_workers_of_the_run():
     cpus = sorted(os.sched_getaffinity(0))
 
     def spin(cpu: int) -> WorkerSpec:
-        return WorkerSpec(cpu, "pingpong")
+        return WorkerSpec(cpu, "pingpong", PingpongParams("ping", 1))
 
     assert orchestrator.oversubscribed([spin(cpus[0]), spin(cpus[0])])       # two on one CPU
     assert orchestrator.oversubscribed([spin(c) for c in cpus] + [spin(cpus[0])])
-    sampler = WorkerSpec(cpus[0], "monitor", spins=False)
+    sampler = WorkerSpec(cpus[0], "monitor", MonitorParams(((0,),)), spins=False)
     assert not orchestrator.oversubscribed([spin(cpus[0]), sampler])          # it sleeps
     if len(cpus) >= 2:
         assert not orchestrator.oversubscribed([spin(cpus[0]), spin(cpus[1])])
@@ -154,7 +153,7 @@ def test_oversubscribed_is_decided_from_the_workers_of_the_run():
 
 def test_sem_ping_sees_whether_the_target_sleeps():
     """The sem transport times wake-ups only if it can tell a sleeping target from a running
-    one (workers.pingpong._asleep reads /proc/PID/stat)."""
+    one (workers.pingpong._asleep reads /proc/PID/stat through asirt.proc)."""
     import subprocess
     import sys
 

@@ -13,20 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asirt.errors import AsirtError, BadInput
-from asirt.memclass import DoubleFree, PoolExhausted
-from asirt import pagetable
-from asirt.pagetable import (NX, PRESENT, AlreadyMapped, CorruptEntry, LockTimeout, NotOwner,
-                             PageTables, check_va, index, make_pte, pte_frame)
+from asirt.mm import pagetable
+from asirt.mm.memclass import DoubleFree, PoolExhausted
+from asirt.mm.pagetable import (NX, PRESENT, AlreadyMapped, CorruptEntry, LockTimeout, NotOwner,
+                                PageTables, check_va, index, make_pte, pte_frame)
 from shm_layout.asi import GLOBAL_OWNER
 from shm_layout.header import STOP_WORD
-from tests.asi_fixtures import aregion, asi_region  # noqa: F401
+from tests.fixtures import cpu_region
 
 VA = 0xFFFF_8880_0012_3000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def pt(aregion):  # noqa: F811
+def pt(aregion):
     p = PageTables(aregion)
     try:
         yield p
@@ -130,7 +130,7 @@ def test_lock_is_exclusive_and_released_on_error(pt):
     pt.sem.release()
 
 
-def test_a_stuck_lock_holder_is_named_not_waited_for(aregion, monkeypatch):  # noqa: F811
+def test_a_stuck_lock_holder_is_named_not_waited_for(aregion, monkeypatch):
     monkeypatch.setattr(pagetable, "LOCK_TIMEOUT_S", 0.1)
     calls = []
     holder, waiter = PageTables(aregion), PageTables(aregion, service=lambda: calls.append(1))
@@ -189,7 +189,7 @@ def test_corrupt_entry_is_caught_at_every_level(pt, level):
 def test_walk_never_leaves_the_pool(junk, probes):
     """Random garbage in every table of a tree: a walk returns a valid frame, 0, or raises
     CorruptEntry; it never indexes outside the pool (the memoryview would raise IndexError)."""
-    with asi_region(tables=8, frames=8) as region:
+    with cpu_region(asi=True, tables=8, frames=8) as region:
         pt = PageTables(region)
         try:
             root = _root(pt)
@@ -211,10 +211,9 @@ def test_walk_never_leaves_the_pool(junk, probes):
 
 _WRITER = r"""
 import sys, time
-import shm_layout.asi
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
-from asirt.pagetable import PageTables
+from asirt.mm.pagetable import PageTables
 r = Region.attach(sys.argv[1])
 pt = PageTables(r)
 root, vas, ptes = int(sys.argv[2]), eval(sys.argv[3]), eval(sys.argv[4])
@@ -246,7 +245,7 @@ def test_walks_race_unmaps_that_free_and_reuse_tables():
     schedule the writer rarely), up to 20 s."""
     vas = [VA, VA + (1 << 30), VA + (7 << 30) + (5 << 21)]
     ptes = [make_pte(i + 1) for i in range(len(vas))]
-    with asi_region(tables=16) as region:
+    with cpu_region(asi=True, tables=16) as region:
         pt = PageTables(region)
         proc = None
         try:
@@ -303,7 +302,7 @@ class _Interleave:
         return self.q[i]
 
 
-def test_a_walk_retries_when_its_table_is_freed_and_reused_mid_walk(aregion):  # noqa: F811
+def test_a_walk_retries_when_its_table_is_freed_and_reused_mid_walk(aregion):
     """The walk has read the PD entry of A when a writer unmaps A (freeing its PT and PD)
     and maps B, which reuses those tables: the leaf slot it reads next now holds B's entry.
     The seqcount makes it retry and report A unmapped; without it, it would return B's."""

@@ -8,7 +8,7 @@ import pytest
 
 from asirt.errors import BadInput
 from asirt.system import read_system
-from tests.sysfs import HOST_VULNERABILITIES, fake_sysfs  # noqa: F401  (fake_sysfs: fixture)
+from tests.sysfs import HOST_VULNERABILITIES
 
 
 def _warning(info, start: str) -> str:

@@ -1,5 +1,6 @@
 """PCID/TLB: hits and misses, switches without flushes, lazy flushes, shootdowns in-process
-(threads) and across real processes."""
+(threads) and across real processes; the TLB answers at its CPU's safe point, and a CPU that
+sends a shootdown waits with its CPU's waiter, answering at its own safe point meanwhile."""
 from __future__ import annotations
 
 import os
@@ -11,13 +12,15 @@ import time
 import pytest
 
 from asirt import fence as fence_mod
-from asirt import tlb as tlb_mod
-from asirt.asi import Asi, AsiClassId
-from asirt.memclass import MemClass
-from asirt.pagetable import PRESENT
+from asirt.mm import tlb as tlb_mod
+from asirt.mm.asi import Asi
+from asirt.mm.spaces import AddressSpaces, AsiClassId, parent_counters
+from asirt.mm.memclass import MemClass
+from asirt.mm.pagetable import PRESENT
+from shm_layout.cpu import Phase
 from shm_layout.header import STOP_WORD
 from shm_layout.region import list_leftovers
-from tests.asi_fixtures import aregion, asi_region, cpu0, handles, kernel  # noqa: F401
+from tests.fixtures import Background, asi_handles, counter, cpu_region
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KVM = AsiClassId.KVM
@@ -31,45 +34,49 @@ def _gen(a: Asi, inst: int) -> int:
     return int(a.insts["gen"][inst])
 
 
-def test_hit_after_miss(kernel, cpu0):  # noqa: F811
+def _count(a: Asi, name: str) -> int:
+    return counter(a.cpu, f"asi.{name}")
+
+
+def test_hit_after_miss(kernel, cpu0):
     g = kernel.alloc_page(MemClass.GLOBAL)
     assert cpu0.translate(g) == cpu0.translate(g) != 0
-    assert cpu0.stat("tlb_misses") == 1
+    assert _count(cpu0, "tlb_misses") == 1
 
 
-def test_switching_trees_keeps_entries_while_generations_are_current(kernel, cpu0):  # noqa: F811
+def test_switching_trees_keeps_entries_while_generations_are_current(kernel, cpu0):
     vm = kernel.asi_init(1, KVM)
     g, mine = kernel.alloc_page(MemClass.GLOBAL), kernel.alloc_page(MemClass.LOCAL, 1)
     cpu0.asi_enter(vm)
     cpu0.translate(mine)
     cpu0.asi_exit()
     cpu0.translate(g)
-    flushes, misses = cpu0.stat("tlb_flushes"), cpu0.stat("tlb_misses")
+    flushes, misses = _count(cpu0, "tlb_flushes"), _count(cpu0, "tlb_misses")
     for _ in range(5):
         cpu0.asi_enter(vm)
         assert cpu0.translate(mine)
         cpu0.asi_exit()
         assert cpu0.translate(g)
-    assert (cpu0.stat("tlb_flushes"), cpu0.stat("tlb_misses")) == (flushes, misses)
+    assert (_count(cpu0, "tlb_flushes"), _count(cpu0, "tlb_misses")) == (flushes, misses)
 
 
-def test_a_cpu_outside_flushes_lazily_at_its_next_enter(kernel, cpu0):  # noqa: F811
+def test_a_cpu_outside_flushes_lazily_at_its_next_enter(kernel, cpu0):
     vm = kernel.asi_init(1, KVM)
     mine = kernel.alloc_page(MemClass.LOCAL, 1)
     cpu0.asi_enter(vm)
     assert cpu0.translate(mine)
     cpu0.asi_exit()
     kernel.unmap_restricted(vm, mine)             # nobody inside: nobody waited for
-    ctl = kernel.region.array("asi_ctl")[0]
-    assert (int(ctl["shootdowns_sent"]), int(ctl["shootdowns_avoided"])) == (0, 1)
+    assert parent_counters(kernel.region) == {"asi.shootdowns_sent": 0,
+                                              "asi.shootdowns_avoided": 1}
     assert _seen(cpu0, vm) == _gen(kernel, vm) - 1
-    flushes = cpu0.stat("tlb_flushes")
+    flushes = _count(cpu0, "tlb_flushes")
     cpu0.asi_enter(vm)
-    assert _seen(cpu0, vm) == _gen(kernel, vm) and cpu0.stat("tlb_flushes") == flushes + 1
+    assert _seen(cpu0, vm) == _gen(kernel, vm) and _count(cpu0, "tlb_flushes") == flushes + 1
     assert cpu0.translate(mine) == 0
 
 
-def test_a_stale_entry_never_matches_again_when_the_epoch_wraps(kernel, cpu0):  # noqa: F811
+def test_a_stale_entry_never_matches_again_when_the_epoch_wraps(kernel, cpu0):
     vm = kernel.asi_init(1, KVM)
     p, other = kernel.alloc_page(MemClass.LOCAL, 1), kernel.alloc_page(MemClass.LOCAL, 1)
     cpu0.asi_enter(vm)
@@ -81,12 +88,12 @@ def test_a_stale_entry_never_matches_again_when_the_epoch_wraps(kernel, cpu0):  
     assert cpu0.translate(p) == 0
 
 
-def test_a_cpu_inside_uses_its_stale_entry_until_it_answers(kernel, aregion):  # noqa: F811
+def test_a_cpu_inside_uses_its_stale_entry_until_it_answers(kernel, aregion):
     """The shootdown in two halves: after the unmap the CPU inside still hits its stale
     entry (as hardware would), until it reaches a safe point; then the sender is done."""
     vm = kernel.asi_init(1, KVM)
     mine = kernel.alloc_page(MemClass.LOCAL, 1)
-    with handles(aregion, 1) as (c1,):
+    with asi_handles(aregion, 1) as (c1,):
         c1.asi_enter(vm)
         stale = c1.translate(mine)
         with kernel.pt:
@@ -94,13 +101,13 @@ def test_a_cpu_inside_uses_its_stale_entry_until_it_answers(kernel, aregion):  #
             targets = kernel.shootdowns.prepare([vm])
         assert targets == [(1, vm, _gen(kernel, vm))]
         assert c1.translate(mine) == stale            # not yet flushed
-        c1.service()
+        assert c1.cpu.safepoint() is False            # answers (and changed no mode)
         assert c1.translate(mine) == 0
         kernel.shootdowns.wait(targets)               # returns at once
 
 
 class _Servicer:
-    """CPU ``a`` answering shootdowns from a thread, as a worker at its safe points would."""
+    """CPU ``a`` at its safe point in a loop, in a thread, as a worker between operations."""
 
     def __init__(self, a: Asi) -> None:
         self.a, self.stop = a, threading.Event()
@@ -108,7 +115,7 @@ class _Servicer:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            self.a.service()
+            self.a.cpu.safepoint()
             time.sleep(0)
 
     def __enter__(self) -> "_Servicer":
@@ -120,22 +127,22 @@ class _Servicer:
         self.thread.join(5)
 
 
-def test_shootdown_waits_for_the_cpus_inside(kernel, aregion):  # noqa: F811
+def test_shootdown_waits_for_the_cpus_inside(kernel, aregion):
     vm = kernel.asi_init(1, KVM)
     mine = kernel.alloc_page(MemClass.LOCAL, 1)
-    with handles(aregion, 0, 1) as (c0, c1):
+    with asi_handles(aregion, 0, 1) as (c0, c1):
         c1.asi_enter(vm)
         c1.translate(mine)
         with _Servicer(c1):
             c0.unmap_restricted(vm, mine)
         assert _seen(c1, vm) == _gen(kernel, vm) and c1.translate(mine) == 0
-        assert (c0.stat("shootdowns_sent"), c0.stat("shootdowns_avoided")) == (1, 0)
+        assert (_count(c0, "shootdowns_sent"), _count(c0, "shootdowns_avoided")) == (1, 0)
 
 
-def test_full_tree_unmaps_reach_every_online_cpu(kernel, aregion):  # noqa: F811
+def test_full_tree_unmaps_reach_every_online_cpu(kernel, aregion):
     vm = kernel.asi_init(1, KVM)
     s = kernel.alloc_page(MemClass.SENSITIVE)
-    with handles(aregion, 0, 1) as (c0, c1):
+    with asi_handles(aregion, 0, 1) as (c0, c1):
         c1.access(s)                                   # a pcid-0 entry, then into the VM
         c1.asi_enter(vm)
         with _Servicer(c1):
@@ -143,20 +150,103 @@ def test_full_tree_unmaps_reach_every_online_cpu(kernel, aregion):  # noqa: F811
         assert _seen(c1, 0) == _gen(kernel, 0)
         c1.asi_exit()
         assert c1.translate(s) == 0
-        assert c0.stat("shootdowns_sent") == 1
+        assert _count(c0, "shootdowns_sent") == 1
 
 
-def test_a_cpu_that_never_answers_times_out(kernel, aregion, monkeypatch):  # noqa: F811
+def test_a_cpu_that_never_answers_times_out(kernel, aregion, monkeypatch):
     monkeypatch.setattr(tlb_mod, "SHOOTDOWN_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(tlb_mod, "SPIN_POLLS", 16)
     vm = kernel.asi_init(1, KVM)
     mine = kernel.alloc_page(MemClass.LOCAL, 1)
-    with handles(aregion, 1) as (c1,):
+    with asi_handles(aregion, 1) as (c1,):
         c1.asi_enter(vm)
         with pytest.raises(tlb_mod.ShootdownTimeout, match="CPU slot 1 .*alive but not"):
             kernel.unmap_restricted(vm, mine)
         c1.service()
     assert kernel.verify() == []                   # the unmap itself is complete
+
+
+def test_a_cpu_senders_wait_times_out_through_its_waiter(kernel, aregion, monkeypatch):
+    """A CPU that sends waits with its CPU's waiter: past the ack timeout it counts a slow
+    tick (cpu.timeouts) and publishes where it waits, and gives up at the shootdown's deadline,
+    back in its main phase."""
+    monkeypatch.setattr(tlb_mod, "SHOOTDOWN_TIMEOUT_S", 0.5)     # 25 ack timeouts (FAST)
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    with asi_handles(aregion, 0, 1) as (c0, c1):
+        c1.asi_enter(vm)
+        phases = []
+
+        def note_phase() -> bool:
+            phases.append(c0.cpu.w[c0.cpu.i_phase])
+            return False
+
+        c0.cpu.safepoint.register(note_phase)
+        with pytest.raises(tlb_mod.ShootdownTimeout, match="CPU slot 1 .*alive but not"):
+            c0.unmap_restricted(vm, mine)
+        assert counter(c0.cpu, "cpu.timeouts") >= 1 and Phase.SHOOTDOWN in phases
+        assert c0.cpu.w[c0.cpu.i_phase] == Phase.MAIN
+        c1.cpu.safepoint()
+        assert c1.translate(mine) == 0
+
+
+def test_a_shootdown_wait_answers_at_the_senders_safe_point(kernel, aregion):
+    """The only thing that makes c1 answer here is another mechanism's answerer on c0's safe
+    point: the wait completes because it calls that safe point on every poll."""
+    vm = kernel.asi_init(1, KVM)
+    mine = kernel.alloc_page(MemClass.LOCAL, 1)
+    with asi_handles(aregion, 0, 1) as (c0, c1):
+        c1.asi_enter(vm)
+        assert c1.translate(mine)
+        calls = []
+
+        def answer() -> bool:
+            calls.append(1)
+            c1.cpu.safepoint()
+            return False
+
+        c0.cpu.safepoint.register(answer)
+        c0.unmap_restricted(vm, mine)
+        assert calls and _seen(c1, vm) == _gen(kernel, vm) and c1.translate(mine) == 0
+        assert (_count(c0, "shootdowns_sent"), _count(c0, "shootdowns_avoided")) == (1, 0)
+
+
+def test_two_cpus_shooting_down_each_other_both_finish(kernel, aregion):
+    """Both inside the VM, each unmaps a page and waits for the other to flush, at the same
+    time; like a worker, each goes on answering at its safe point once its own unmap is done
+    (the one that prepared first may finish first, and the other then still waits for it)."""
+    vm = kernel.asi_init(1, KVM)
+    a_page, b_page = kernel.alloc_page(MemClass.LOCAL, 1), kernel.alloc_page(MemClass.LOCAL, 1)
+    done = threading.Event()
+    finished: list[int] = []
+
+    def cpu_loop(c: Asi, page: int) -> None:
+        c.unmap_restricted(vm, page)
+        finished.append(c.cpu.slot)
+        while not done.is_set():
+            c.cpu.safepoint()
+            time.sleep(0)
+
+    with asi_handles(aregion, 0, 1) as (c0, c1):
+        for c in (c0, c1):
+            c.asi_enter(vm)
+            assert c.translate(a_page) and c.translate(b_page)
+        jobs = [Background(lambda: cpu_loop(c0, a_page)),
+                Background(lambda: cpu_loop(c1, b_page))]
+        try:
+            deadline = time.monotonic() + 30
+            while (len(finished) < 2 and time.monotonic() < deadline
+                   and not any(j.done for j in jobs)):
+                time.sleep(0.001)
+        finally:
+            done.set()
+            for j in jobs:
+                j.result(30)
+        assert sorted(finished) == [0, 1]
+        for c in (c0, c1):
+            assert c.translate(a_page) == c.translate(b_page) == 0
+            assert _seen(c, vm) == _gen(kernel, vm)
+            assert _count(c, "shootdowns_sent") == 1
+        assert kernel.verify() == []
 
 
 def _fence_with_held(held: int) -> BaseException | None:
@@ -199,13 +289,15 @@ def test_fence_nested_too_deep_fails_instead_of_blocking():
 # -- across processes ---------------------------------------------------------------------
 _WALKER = r"""
 import sys, time
-import shm_layout.asi
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
-from asirt.asi import Asi
+from asirt.cpu import Cpu
+from asirt.mm.asi import Asi
+from asirt.params import CpuParams
 name, slot, inst, va, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 r = Region.attach(name)
-a = Asi(r, slot)
+cpu = Cpu(r, slot, CpuParams(oversubscribed=True))
+a = Asi(r, cpu)
 w = r.words
 done = r.word_index("slots", 0, "ping")
 prog, stale = r.word_index("slots", slot, "progress"), r.word_index("slots", slot, "err")
@@ -234,11 +326,12 @@ try:
                 w[stale] += pte != 0
             if not pte:
                 w[unmapped] = 1
-        a.service()
+        cpu.safepoint()
         w[prog] += 1
 finally:
     a.offline()
     a.close()
+    cpu.close()
     r.close()
 """
 
@@ -259,8 +352,8 @@ def test_unmap_is_seen_by_walkers_in_other_processes():
     inside; once it has returned, no walker ever translates the page again, and the one
     outside flushes lazily when it re-enters."""
     procs: list[subprocess.Popen] = []
-    with asi_region(ncpus=4, cores=[[0, 1], [2, 3]]) as region:
-        k = Asi(region)
+    with cpu_region(2, ncores=2, asi=True) as region:
+        k = AddressSpaces(region)
         try:
             vm = k.asi_init(1, KVM)
             va = k.alloc_page(MemClass.LOCAL, 1)
@@ -282,8 +375,8 @@ def test_unmap_is_seen_by_walkers_in_other_processes():
             slots = region.array("slots")
             assert slots["err"][1:].tolist() == [0, 0, 0], "a stale translation was used"
             assert slots["pong"][1:].tolist() == [1, 1, 1]
-            ctl = region.array("asi_ctl")[0]
-            assert (int(ctl["shootdowns_sent"]), int(ctl["shootdowns_avoided"])) == (2, 1)
+            assert parent_counters(region) == {"asi.shootdowns_sent": 2,
+                                               "asi.shootdowns_avoided": 1}
             assert k.pt.walk(k.full_root, va) & PRESENT and k.verify() == []   # full tree kept it
         finally:
             for p in procs:

@@ -12,7 +12,7 @@ from asirt.errors import BadInput
 from asirt.system import read_system
 from asirt.topology import (MAX_CPU, format_cpu_list, format_topology, parse_cpu_arg,
                             parse_cpu_list, parse_size, read_topology, select_topology)
-from tests.sysfs import LAYOUTS, fake_sysfs  # noqa: F401  (fake_sysfs is a fixture)
+from tests.sysfs import LAYOUTS
 
 # --- parsers ------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
-import json
 import os
 import signal
 import sys
@@ -51,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slot", type=int, required=True)
     ap.add_argument("--region", required=True)
     ap.add_argument("--role", required=True)
-    ap.add_argument("--params", default="{}")
+    ap.add_argument("--params", required=True, help="the role's parameters (asirt.params)")
+    ap.add_argument("--oversubscribed", action="store_true",
+                    help="the run has more spinning workers than CPUs")
     ap.add_argument("--parent", type=int, default=None,
                     help="pid of the orchestrator (default: our parent at start)")
     args = ap.parse_args(argv)
@@ -71,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     except AsirtError as err:
         print(f"worker cpu {args.cpu}: {err}", file=sys.stderr)
         return EXIT_ATTACH
-    # Local import: workers.context pulls the program-facing helpers.
+    # Local imports: the program and its helpers pull in the runtime's layers.
+    from asirt.params import decode
     from workers.context import WorkerContext
+    try:
+        program = importlib.import_module(f"workers.{args.role}")
+        params = decode(program.PARAMS, args.params)
+    except (ImportError, AttributeError, ValueError) as err:
+        print(f"worker cpu {args.cpu}: role {args.role!r}: {err}", file=sys.stderr)
+        return EXIT_PROGRAM
     metrics = [bytes(n).decode() for n in region.array("metrics")["name"]]
-    ctx = WorkerContext(region, args.slot, args.cpu, args.role, json.loads(args.params), metrics)
+    ctx = WorkerContext(region, args.slot, args.cpu, args.role, params, metrics,
+                        args.oversubscribed)
     w = ctx.words
     state = ctx.slot_word(args.slot, "state")
     if w[ctx.slot_word(args.slot, "cpu")] != args.cpu:
@@ -84,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     w[ctx.slot_word(args.slot, "pid")] = os.getpid()
     w[state] = WorkerState.ATTACHED
     try:
-        program = importlib.import_module(f"workers.{args.role}")
         prepare = getattr(program, "prepare", None)
-        if prepare is not None:
-            prepare(ctx)
+        prepared = prepare(ctx) if prepare is not None else None
         w[state] = WorkerState.READY
         try:
             sem_wait(region.semaphore("start"), START_TIMEOUT_S)
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             w[state] = WorkerState.DONE
             return 0
         w[state] = WorkerState.RUNNING
-        program.run(ctx)
+        program.run(ctx, prepared)
     except BaseException:  # report any failure in the slot, details on stderr
         w[state] = WorkerState.FAILED
         w[ctx.slot_word(args.slot, "err")] = EXIT_PROGRAM

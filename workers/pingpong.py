@@ -5,10 +5,10 @@ and waits for the ``pong`` side to echo it into its own slot; the time between i
 of ``roundtrip``. Every word has one writer: ping writes only its ``ping``, pong only its
 ``pong`` (x86 TSO orders the stores; no fence is needed for request/ack message passing).
 
-Transports (params["transport"]):
+Transports (``PingpongParams.transport``; the sending side is asirt.cpu.transport's):
   spin    the target polls the requester's word at its safe points (a busy loop);
-  signal  SIGUSR1: the target's handler echoes asynchronously, interrupting whatever runs
-          (params["target"] "busy": a running loop, "idle": sleeping in the kernel);
+  signal  SIGUSR1: the target's handler echoes asynchronously, interrupting the busy loop
+          it runs;
   sem     the target is blocked on its POSIX semaphore, as an idle CPU would be, and is woken.
           Before each sample the ping side waits (untimed) until /proc says the target is
           asleep: without that, a target still on its way back to the semaphore finds the
@@ -24,50 +24,60 @@ from typing import Callable
 import posix_ipc
 
 from asirt import clock
-from asirt.histogram import recorder
-from asirt.spin import spin_limit, wait_slow
+from asirt.cpu.transport import IPI_SIGNAL, senders
+from asirt.cpu.wait import spin_limit
+from asirt.params import PingpongParams
+from asirt.proc import Proc
 from shm_layout.header import STOP_WORD
 from shm_layout.region import sem_wait
 from workers.context import WorkerContext
 
+PARAMS = PingpongParams
 PROGRESS_EVERY = 1024   # round trips between publications of ``samples`` (progress display)
 
 
 def prepare(ctx: WorkerContext) -> None:
     """Before READY: the signal target installs its handler so no early IPI is lost."""
-    if ctx.params["side"] == "pong" and ctx.params["transport"] == "signal":
+    p: PingpongParams = ctx.params
+    if p.side == "pong" and p.transport == "signal":
         w = ctx.words
-        src = ctx.slot_word(ctx.params["peer"], "ping")
+        src = ctx.slot_word(p.peer, "ping")
         dst = ctx.slot_word(ctx.slot, "pong")
 
         def on_ipi(signum: int, frame: object) -> None:
             w[dst] = w[src]
 
-        signal.signal(signal.SIGUSR1, on_ipi)
+        signal.signal(IPI_SIGNAL, on_ipi)
 
 
-def run(ctx: WorkerContext) -> None:
-    if ctx.params["side"] == "ping":
+def run(ctx: WorkerContext, prepared: None) -> None:
+    if ctx.params.side == "ping":
         _ping(ctx)
     else:
-        _PONG[ctx.params["transport"]](ctx)
+        _PONG[ctx.params.transport](ctx)
+
+
+def _wait_slow(w: memoryview, idx: int, value: int) -> bool:
+    """Yield between polls until ``w[idx] == value``; False if the run stops first."""
+    sched_yield = os.sched_yield
+    while w[idx] != value:
+        if w[STOP_WORD]:
+            return False
+        sched_yield()
+    return True
 
 
 def _ping(ctx: WorkerContext) -> None:
     w, p = ctx.words, ctx.params
-    peer = p["peer"]
+    peer = p.peer
     mine = ctx.slot_word(ctx.slot, "ping")
     theirs = ctx.slot_word(peer, "pong")
     samples = ctx.slot_word(ctx.slot, "samples")
-    rec = recorder(w, ctx.hist_base("roundtrip"))
-    limit = spin_limit(p.get("oversubscribed", False))
-    deliver = asleep = None
-    if p["transport"] == "signal":
-        peer_pid, sig, kill = w[ctx.slot_word(peer, "pid")], signal.SIGUSR1, os.kill
-        deliver = lambda: kill(peer_pid, sig)  # noqa: E731 - bound once, called per sample
-    elif p["transport"] == "sem":
-        deliver = ctx.region.semaphore(f"wake{peer}").release
-        asleep = _asleep(w[ctx.slot_word(peer, "pid")])
+    rec = ctx.recorder("roundtrip")
+    limit = spin_limit(ctx.oversubscribed)
+    peer_pid = w[ctx.slot_word(peer, "pid")]
+    (deliver,) = senders(p.transport, ctx.region, [(peer, peer_pid)]) or (None,)
+    asleep = _asleep(peer_pid) if p.transport == "sem" else None
     now = clock.now   # a local: one lookup per read in the loop below
     k = 0
     while not w[STOP_WORD]:
@@ -82,7 +92,7 @@ def _ping(ctx: WorkerContext) -> None:
         stopped = False
         while w[theirs] != k:
             n += 1
-            if n >= limit and not wait_slow(w, theirs, k):
+            if n >= limit and not _wait_slow(w, theirs, k):
                 stopped = True   # asked to stop while waiting: not a round trip
                 break
         if stopped:
@@ -96,15 +106,9 @@ def _ping(ctx: WorkerContext) -> None:
 
 
 def _asleep(pid: int) -> Callable[[], bool]:
-    """Whether process ``pid`` (single-threaded here) is asleep in the kernel: state S in
-    /proc/PID/stat, re-read through one open descriptor (about 2 us)."""
-    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    pread, close_paren = os.pread, ord(")")
-
-    def check() -> bool:
-        stat = pread(fd, 512, 0)
-        return stat[stat.rindex(close_paren) + 2] == ord("S")   # after "pid (comm) "
-    return check
+    """Whether process ``pid`` (single-threaded here) is asleep in the kernel: state S."""
+    proc = Proc(pid)
+    return lambda: proc.state() == "S"
 
 
 def _wait_until_asleep(w: memoryview, asleep: Callable[[], bool]) -> None:
@@ -117,9 +121,9 @@ def _wait_until_asleep(w: memoryview, asleep: Callable[[], bool]) -> None:
 
 def _pong_spin(ctx: WorkerContext) -> None:
     w = ctx.words
-    src = ctx.slot_word(ctx.params["peer"], "ping")
+    src = ctx.slot_word(ctx.params.peer, "ping")
     dst = ctx.slot_word(ctx.slot, "pong")
-    limit = spin_limit(ctx.params.get("oversubscribed", False))
+    limit = spin_limit(ctx.oversubscribed)
     sched_yield = os.sched_yield
     last, n = 0, 0
     while True:
@@ -137,11 +141,7 @@ def _pong_spin(ctx: WorkerContext) -> None:
 
 def _pong_signal(ctx: WorkerContext) -> None:
     w = ctx.words
-    if ctx.params.get("target", "busy") == "idle":
-        while not w[STOP_WORD]:
-            time.sleep(0.001)  # the handler runs as soon as the signal wakes us
-        return
-    limit = spin_limit(ctx.params.get("oversubscribed", False))
+    limit = spin_limit(ctx.oversubscribed)
     sched_yield, n = os.sched_yield, 0
     while not w[STOP_WORD]:   # a running "guest": the handler interrupts it between bytecodes
         n += 1
@@ -152,7 +152,7 @@ def _pong_signal(ctx: WorkerContext) -> None:
 
 def _pong_sem(ctx: WorkerContext) -> None:
     w = ctx.words
-    src = ctx.slot_word(ctx.params["peer"], "ping")
+    src = ctx.slot_word(ctx.params.peer, "ping")
     dst = ctx.slot_word(ctx.slot, "pong")
     sem = ctx.region.semaphore(f"wake{ctx.slot}")
     while not w[STOP_WORD]:
@@ -164,4 +164,3 @@ def _pong_sem(ctx: WorkerContext) -> None:
 
 
 _PONG = {"spin": _pong_spin, "signal": _pong_signal, "sem": _pong_sem}
-TRANSPORTS = tuple(_PONG)

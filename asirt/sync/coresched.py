@@ -8,12 +8,13 @@ Four pieces:
   (``sched_core_share_pid``). Cookie 0 is the untagged, trusted host: untagged tasks may share
   a core with each other, never with a tagged task; the idle task shares with anything.
 - :class:`CoreSched` -- one CPU's side of core-wide task selection over its core's
-  lock-protected record (``stun_core``: ``cs_cookie``, ``cs_running``): a CPU may run a task of
+  lock-protected record (``core_sync``: ``cs_cookie``, ``cs_running``): a CPU may run a task of
   cookie c only while every sibling running a task runs one of cookie c; otherwise it is
   *forced idle* until they stop, and the forced-idle time is measured. A CPU forced idle for
   longer than its patience claims the core next (``cs_want``): running siblings see it in
-  :meth:`CoreSched.should_yield` at their next safe point, and no new task of another cookie
-  is admitted meanwhile, so no cookie starves.
+  :meth:`CoreSched.answer` at their next safe point (the CPU's one safe point: every wait
+  loop calls it), and no new task of another cookie is admitted meanwhile, so no cookie
+  starves.
 - :class:`KernelCoreSched` -- kernel core scheduling (the LKML proposal) on top of the stun
   handshake: the task keeps its cookie in non-sensitive kernel code (ASI, no stun), drops to
   the host cookie before sensitive code -- which forces every sibling of another cookie idle,
@@ -34,11 +35,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from asirt.barrier import CoreLock, Result
 from asirt.clock import now
+from asirt.cpu import Cpu
+from asirt.cpu.wait import Outcome
 from asirt.errors import FeatureMissing
-from asirt.stun import Phase, StunCpu, Wait
-from shm_layout.stun import COUNTER
+from asirt.sync.barrier import Result, SpinBarrier, RendezvousBarrier
+from asirt.sync.corelock import CoreLock
+from asirt.sync.stun import Stun
+from shm_layout.cpu import Phase
 
 __all__ = ["PR_SCHED_CORE", "PR_SCHED_CORE_GET", "PR_SCHED_CORE_CREATE",
            "PR_SCHED_CORE_SHARE_TO", "PR_SCHED_CORE_SHARE_FROM", "SCOPE_THREAD",
@@ -139,31 +143,49 @@ class CookieTable:
 class CoreSched:
     """One CPU's side of core scheduling on its core (module docstring)."""
 
-    def __init__(self, cpu: StunCpu, core: int, patience_ns: int = 2_000_000,
+    def __init__(self, cpu: Cpu, lock: CoreLock, patience_ns: int = 2_000_000,
                  rec_forced: Callable[[int], None] | None = None) -> None:
-        self.cpu = cpu
-        self.lock = CoreLock(cpu, core)
+        self.cpu, self.lock = cpu, lock
         wi = cpu.region.word_index
-        self.i_cookie = wi("stun_core", core, "cs_cookie")
-        self.i_running = wi("stun_core", core, "cs_running")
-        self.i_seq = wi("stun_core", core, "cs_seq")
-        self.i_want = wi("stun_core", core, "cs_want")
-        self.i_switches = wi("stun_core", core, "cs_switches")
-        self.i_want_lane = wi("stun_core", core, "cs_want_lane")
-        self.i_mine = wi("stun_cpu", cpu.slot, "cookie")
+        core = cpu.core
+        self.i_cookie = wi("core_sync", core, "cs_cookie")
+        self.i_running = wi("core_sync", core, "cs_running")
+        self.i_seq = wi("core_sync", core, "cs_seq")
+        self.i_want = wi("core_sync", core, "cs_want")
+        self.i_switches = wi("core_sync", core, "cs_switches")
+        self.i_want_lane = wi("core_sync", core, "cs_want_lane")
+        self.i_mine = wi("core_sync", core, "cookie") + cpu.lane
         self.bit = 1 << cpu.lane
         self.patience_ns = patience_ns
         self.rec_forced = rec_forced
         self.cookie: int | None = None
+        #: a sibling forced idle past its patience wants the core: leave it (see answer)
+        self.yield_now = False
+        self.c_tasks = cpu.c("coresched.tasks")
+        self.c_forced, self.c_forced_ns = cpu.c("coresched.forced_idle"), cpu.c(
+            "coresched.forced_idle_ns")
+        cpu.safepoint.register(self.answer)
+
+    def answer(self) -> bool:
+        """The safe point's core-scheduling answer: True (leave what you run) when a sibling
+        forced idle past its patience wants the core for another cookie."""
+        if self.cookie is None or self.yield_now:
+            return False
+        want = self.cpu.w[self.i_want]
+        if want != 0 and want != self.cookie:
+            self.yield_now = True
+            return True
+        return False
 
     def run_task(self, cookie: int, max_wait_ns: int | None = None) -> bool:
         """Start running a task of ``cookie`` here; forced idle (measured) while a sibling runs
         another cookie. False when the run stops or ``max_wait_ns`` passes first."""
         cpu, w = self.cpu, self.cpu.w
         t0 = now()
+        deadline = None if max_wait_ns is None else t0 + max_wait_ns
         forced = False
         while True:
-            if not self.lock.acquire():
+            if self.lock.acquire(deadline) != Outcome.DONE:
                 return False
             running = w[self.i_running] & ~self.bit
             core_cookie, want = w[self.i_cookie], w[self.i_want]
@@ -177,11 +199,12 @@ class CoreSched:
                 w[self.i_seq] += 1
                 self.lock.release()
                 w[self.i_mine] = cookie
-                self.cookie = cookie
+                self.cookie, self.yield_now = cookie, False
+                w[self.c_tasks] += 1
                 if forced:
                     t = now() - t0
-                    w[cpu.cnt + COUNTER["forced_idle"]] += 1
-                    w[cpu.cnt + COUNTER["forced_idle_ns"]] += t
+                    w[self.c_forced] += 1
+                    w[self.c_forced_ns] += t
                     if self.rec_forced is not None:
                         self.rec_forced(t)
                 return True
@@ -193,65 +216,57 @@ class CoreSched:
             claim_at = (t0 + self.patience_ns) if w[self.i_want] == 0 else None
             self.lock.release()
             forced = True
-            r = self._wait_change(seq, running, t0, max_wait_ns, claim_at)
-            if r is not None:
-                if w[self.i_want] == cookie and self.lock.acquire():
+            if not self._wait_change(seq, running, deadline, claim_at):
+                if w[self.i_want] == cookie and self.lock.acquire() == Outcome.DONE:
                     if w[self.i_want] == cookie:
                         w[self.i_want] = 0
                         w[self.i_seq] += 1
                     self.lock.release()
                 return False
 
-    def _wait_change(self, seq: int, running: int, t0: int, max_wait_ns: int | None,
-                     claim_at: int | None) -> Wait | None:
+    def _wait_change(self, seq: int, running: int, deadline: int | None,
+                     claim_at: int | None) -> bool:
         """Forced idle: wait for the core record to change (or, at ``claim_at``, go back to
-        claim the core), answering stun requests meanwhile; a running sibling that died is
-        fenced off and removed from the record."""
+        claim the core), answering at the safe point meanwhile; a running sibling that died is
+        fenced off and removed from the record. False: stop, or the deadline passed."""
         cpu, w = self.cpu, self.cpu.w
         # whom we wait for: a running sibling, or (the core empty) the one that claimed it
         j = (running & -running).bit_length() - 1 if running else w[self.i_want_lane]
-        if j == cpu.lane:
-            j = -1
-        n, start, state, limit = 0, 0, [0], cpu.limit
-        while w[self.i_seq] == seq:
-            cpu.safe_point()
-            n += 1
-            if n >= limit:
-                if not start:
-                    start = now()
-                t = now()
-                if max_wait_ns is not None and t - t0 > max_wait_ns:
-                    return Wait.GIVE_UP
-                if claim_at is not None and t > claim_at:
-                    return None
-                r = cpu.tick(start, j, Phase.CORESCHED, state)
-                if r == Wait.STOP:
-                    return r
-                if r == Wait.FENCED:
-                    if self.lock.acquire():
+        wait = cpu.waiter.begin(-1 if j == cpu.lane else j, Phase.CORESCHED, deadline)
+        n, limit = 0, cpu.waiter.limit
+        try:
+            while w[self.i_seq] == seq:
+                cpu.safepoint()
+                n += 1
+                if n < limit:
+                    continue
+                if claim_at is not None and now() > claim_at:
+                    return True
+                r = wait.slow()
+                if r in (Outcome.STOP, Outcome.DEADLINE):
+                    return False
+                if r == Outcome.FENCED:
+                    if self.lock.acquire(None) == Outcome.DONE:
                         w[self.i_running] &= ~(1 << j)
                         if w[self.i_want] and w[self.i_want_lane] == j:
                             w[self.i_want] = 0
                         w[self.i_seq] += 1
                         self.lock.release()
-                    return None
-        return None
+                    return True
+            return True
+        finally:
+            wait.done()
 
     def stop_task(self) -> None:
         w = self.cpu.w
         if self.cookie is None:
             return
-        if self.lock.acquire():
+        if self.lock.acquire(None) == Outcome.DONE:
             w[self.i_running] &= ~self.bit
             w[self.i_seq] += 1
             self.lock.release()
         w[self.i_mine] = HOST_COOKIE
         self.cookie = None
-
-    def should_yield(self) -> bool:
-        """A sibling forced idle past its patience wants the core for another cookie."""
-        want = self.cpu.w[self.i_want]
-        return want != 0 and want != self.cookie
 
 
 # -- kernel core scheduling --------------------------------------------------------------------
@@ -263,25 +278,25 @@ class KernelCoreSched:
     before this CPU proceeds). At VM entry the siblings are synced to one cookie: the
     VM-entry barrier refuses entry beside another domain (B3)."""
 
-    def __init__(self, cpu: StunCpu, barrier: object) -> None:
-        self.cpu = cpu
-        self.barrier = barrier
-        self.i_cookie = cpu.region.word_index("stun_cpu", cpu.slot, "cookie")
+    def __init__(self, stun: Stun, barrier: SpinBarrier | RendezvousBarrier) -> None:
+        self.stun, self.barrier = stun, barrier
+        cpu = stun.cpu
+        self.w = cpu.w
+        self.i_cookie = cpu.region.word_index("core_sync", cpu.core, "cookie") + cpu.lane
 
     def vm_entry(self, max_wait_ns: int | None = None) -> Result:
-        self.cpu.w[self.i_cookie] = self.cpu.dom
-        return self.barrier.enter(max_wait_ns)        # type: ignore[attr-defined]
+        self.w[self.i_cookie] = self.stun.cpu.state.dom
+        return self.barrier.enter(max_wait_ns)
 
     def vm_exit(self) -> None:
         """To non-sensitive kernel code: the cookie is kept."""
-        self.cpu.exit_guest()
+        self.stun.cpu.state.exit_guest()
 
     def sensitive(self, work: Callable[[], None] | None = None, new_dom: int | None = None) -> bool:
         """Untag, run sensitive code with the siblings forced idle, re-tag."""
-        w, cpu = self.cpu.w, self.cpu
-        w[self.i_cookie] = HOST_COOKIE
-        ok = cpu.sensitive(work, new_dom)
-        w[self.i_cookie] = cpu.dom
+        self.w[self.i_cookie] = HOST_COOKIE
+        ok = self.stun.sensitive(work, new_dom)
+        self.w[self.i_cookie] = self.stun.cpu.state.dom
         return ok
 
 
@@ -336,7 +351,7 @@ class RealCoreSched:
         support = probe()
         if not support.supported:
             raise FeatureMissing("kernel core scheduling", support.message,
-                                 "the emulated core scheduling (asirt.coresched.CoreSched) is used")
+                                 "the emulated core scheduling (asirt.sync.coresched.CoreSched) is used")
         self.support = support
 
     @staticmethod

@@ -1,6 +1,7 @@
-"""Shared fixtures and hooks (bench/conftest.py reuses them). Every test is checked for
-leftovers: no /asirt-* segment or semaphore and no child process may outlive it
-(tests/leakcheck.py; the check itself is tested in test_region.py)."""
+"""The hooks and fixtures every test and benchmark gets (loaded by the root conftest.py):
+capability markers, strict settings, and the leftover check -- no /asirt-* segment or
+semaphore and no child process may outlive a test or a benchmark (tests/leakcheck.py; the
+check itself is tested in test_region.py). Region and CPU fixtures: tests/fixtures.py."""
 from __future__ import annotations
 
 import os

@@ -18,13 +18,17 @@ back to the full tree needs no fence.
 from __future__ import annotations
 
 import os
-import time
 
+from asirt.clock import now
+from asirt.cpu import Cpu
+from asirt.cpu.wait import Outcome
 from asirt.errors import AsirtError
 from asirt.fence import fence
-from asirt.pagetable import PageTables
+from asirt.mm.pagetable import PageTables
+from asirt.proc import Proc
 from shm_layout.asi import CPU_DTYPE, INST_DTYPE, MAX_ASI, TLB_ENTRIES, TLB_WORDS, word
-from shm_layout.region import Region, pid_alive
+from shm_layout.cpu import Phase
+from shm_layout.region import Region
 
 # An entry is two words: tag, then the leaf pte. The tag packs, from the top: a valid bit,
 # the PCID, an epoch (the low bits of seen[pcid] when it was filled) and the page number
@@ -52,12 +56,9 @@ def _cpu_field(name: str) -> int:
 
 
 CURRENT, ONLINE, SEEN, PID = (_cpu_field(f) for f in ("current", "online", "seen", "pid"))
-TLB_FLUSHES, TLB_MISSES, INTR_DEPTH = (_cpu_field(f) for f in
-                                       ("tlb_flushes", "tlb_misses", "intr_depth"))
-SENT, AVOIDED = _cpu_field("shootdowns_sent"), _cpu_field("shootdowns_avoided")
+INTR_DEPTH = _cpu_field("intr_depth")
 
 SHOOTDOWN_TIMEOUT_S = 10.0
-SPIN_POLLS = 1 << 12      # polls before yielding the CPU (a 2-CPU host may be oversubscribed)
 
 class ShootdownTimeout(AsirtError):
     """A CPU inside an instance did not flush in time: it is dead, stopped, or never polls."""
@@ -71,8 +72,8 @@ class ShootdownTimeout(AsirtError):
     def message(self) -> str:
         state = "alive but not answering" if self.alive else "dead"
         return (f"TLB shootdown of PCID {self.inst}: CPU slot {self.cpu} (pid {self.pid}, "
-                f"{state}) did not flush within {self.waited_s:.1f} s; a worker must call "
-                f"service() at its safe points and go offline before it exits")
+                f"{state}) did not flush within {self.waited_s:.1f} s; a worker must answer at "
+                f"its safe points (asirt.cpu.safepoint) and go offline before it exits")
 
 
 class Tlb:
@@ -83,13 +84,15 @@ class Tlb:
     budget), asi_exit through :meth:`switch_full`.
     """
 
-    def __init__(self, region: Region, cpu: int, pt: PageTables, full_root: int) -> None:
-        self.q, self.pt = pt.q, pt
-        self.rec = word(region, "asi_cpu", cpu)
-        self.base = word(region, "asi_cpu", cpu, "tlb")
+    def __init__(self, cpu: Cpu, pt: PageTables, full_root: int) -> None:
+        region = cpu.region
+        self.q, self.pt, self.w = pt.q, pt, cpu.w
+        self.rec = word(region, "asi_cpu", cpu.slot)
+        self.base = word(region, "asi_cpu", cpu.slot, "tlb")
         self.seen = self.rec + SEEN
         self.ibase = word(region, "asi_inst", 0)
-        self.flushes = self.rec + TLB_FLUSHES
+        self.flushes = cpu.c("asi.tlb_flushes")
+        self.misses = cpu.c("asi.tlb_misses")
         self.full_root = full_root
         self.pcid, self.root, self.gen, self.tag = 0, full_root, -1, VALID
 
@@ -114,7 +117,7 @@ class Tlb:
     def _fill(self, va: int, tag: int, e: int) -> int:
         q = self.q
         pte = self.pt.walk(self.root, va)
-        q[self.rec + TLB_MISSES] += 1
+        self.w[self.misses] += 1
         if pte and not q[self.rec + INTR_DEPTH]:
             # Tag last, after clearing it first: an interrupted fill is a miss, never a mix.
             # Handlers never fill, so the entry they might read is always whole.
@@ -131,7 +134,7 @@ class Tlb:
         w = self.seen + pcid
         old = q[w]
         q[w] = gen
-        q[self.flushes] += 1
+        self.w[self.flushes] += 1
         if (old ^ gen) >> EPOCH_BITS:
             for e in range(self.base, self.base + TLB_ENTRIES * TLB_WORDS, TLB_WORDS):
                 if (q[e] >> PCID_SHIFT) & PCID_MASK == pcid:
@@ -161,19 +164,27 @@ class Tlb:
 
 
 class Shootdowns:
-    """The sending side: bump generations under the lock, then wait for the CPUs inside."""
+    """The sending side: bump generations under the lock, then wait for the CPUs inside.
 
-    def __init__(self, region: Region, cpu: int | None, tlb: Tlb | None, pt: PageTables) -> None:
+    A CPU that sends from its worker (``cpu`` given) waits with its waiter and answers at its
+    safe point meanwhile (another sender may be waiting for *it*, and a sibling's stun request
+    must not stall behind the shootdown); the parent (``cpu`` None) yields between polls. A
+    target found dead at a liveness check is skipped: a dead CPU holds no TLB."""
+
+    def __init__(self, region: Region, cpu: Cpu | None, tlb: Tlb | None, pt: PageTables) -> None:
         self.q, self.cpu, self.tlb = pt.q, cpu, tlb
         self.ibase = word(region, "asi_inst", 0)
         self.cbase = word(region, "asi_cpu", 0)
         self.ncpus = region.section("asi_cpu").count
+        self.me = None if cpu is None else cpu.slot
         if cpu is None:
+            self.words = self.q
             self.sent, self.avoided = (word(region, "asi_ctl", 0, f) for f in
                                        ("shootdowns_sent", "shootdowns_avoided"))
         else:
-            self.sent, self.avoided = self.cbase + cpu * CPU_WORDS + SENT, \
-                self.cbase + cpu * CPU_WORDS + AVOIDED
+            self.words = cpu.w
+            self.sent, self.avoided = (cpu.c("asi.shootdowns_sent"),
+                                       cpu.c("asi.shootdowns_avoided"))
 
     def prepare(self, insts: list[int]) -> list[tuple[int, int, int]]:
         """With the lock held, after the unmap: bump each instance's generation and pick who
@@ -187,7 +198,7 @@ class Shootdowns:
         targets, avoided = [], 0
         for c in range(self.ncpus):
             rec = cbase + c * CPU_WORDS
-            if c == self.cpu or not q[rec + ONLINE]:
+            if c == self.me or not q[rec + ONLINE]:
                 continue
             if 0 in gens:
                 targets.append((c, 0, gens[0]))
@@ -196,30 +207,59 @@ class Shootdowns:
                 targets.append((c, cur, gens[cur]))
             elif any(i and q[rec + SEEN + i] for i in gens):
                 avoided += 1      # it used a PCID whose tree changed: it flushes at its next entry
-        q[self.sent] += len(targets)
-        q[self.avoided] += avoided
+        self.words[self.sent] += len(targets)
+        self.words[self.avoided] += avoided
         if self.tlb is not None:
             self.tlb.service()
         return targets
 
+    def _pending(self, c: int, pcid: int, g: int) -> bool:
+        q, rec = self.q, self.cbase + c * CPU_WORDS
+        return q[rec + SEEN + pcid] < g and (not pcid or q[rec + CURRENT] == pcid) \
+            and bool(q[rec + ONLINE])
+
     def wait(self, targets: list[tuple[int, int, int]]) -> None:
-        """Until every target flushed to its generation, or left the instance. Unlocked."""
-        q, cbase, tlb = self.q, self.cbase, self.tlb
-        polls, start = 0, 0.0
+        """Until every target flushed to its generation, left the instance, went offline or
+        died. Unlocked. ShootdownTimeout past SHOOTDOWN_TIMEOUT_S."""
         for c, pcid, g in targets:
-            rec = cbase + c * CPU_WORDS
-            while q[rec + SEEN + pcid] < g and (not pcid or q[rec + CURRENT] == pcid) \
-                    and q[rec + ONLINE]:
-                if tlb is not None:
-                    tlb.service()      # another sender may be waiting for us
-                polls += 1
-                if polls == SPIN_POLLS:
-                    start = time.monotonic()
-                elif polls > SPIN_POLLS:
+            if self._pending(c, pcid, g):
+                self._wait_one(c, pcid, g)
+
+    def _wait_one(self, c: int, pcid: int, g: int) -> None:
+        q = self.q
+        pid = q[self.cbase + c * CPU_WORDS + PID]
+        proc = Proc(pid)
+        deadline = now() + int(SHOOTDOWN_TIMEOUT_S * 1e9)
+        try:
+            if self.cpu is None:
+                while self._pending(c, pcid, g):
+                    if proc.dead():
+                        return
+                    if now() > deadline:
+                        raise ShootdownTimeout(c, pcid, SHOOTDOWN_TIMEOUT_S, pid, True)
                     os.sched_yield()
-                    if time.monotonic() - start > SHOOTDOWN_TIMEOUT_S:
-                        pid = q[rec + PID]
-                        raise ShootdownTimeout(c, pcid, time.monotonic() - start, pid,
-                                               pid_alive(pid))
-
-
+                return
+            cpu = self.cpu
+            wait = cpu.waiter.begin(-1, Phase.SHOOTDOWN, deadline)
+            timeouts = cpu.c("cpu.timeouts")
+            seen = cpu.w[timeouts]
+            n, limit, sp = 0, cpu.waiter.limit, cpu.safepoint
+            try:
+                while self._pending(c, pcid, g):
+                    sp()                         # the TLB's own answer and every other one
+                    n += 1
+                    if n < limit:
+                        continue
+                    r = wait.slow()
+                    if r == Outcome.STOP:
+                        return
+                    if r == Outcome.DEADLINE:
+                        raise ShootdownTimeout(c, pcid, SHOOTDOWN_TIMEOUT_S, pid, not proc.dead())
+                    if cpu.w[timeouts] != seen:  # a liveness check is due: is the target gone?
+                        seen = cpu.w[timeouts]
+                        if proc.dead():
+                            return
+            finally:
+                wait.done()
+        finally:
+            proc.close()

@@ -22,7 +22,7 @@ import numpy as np
 import posix_ipc
 
 from asirt.errors import AsirtError, BadInput
-from asirt.memclass import DoubleFree, PoolExhausted
+from asirt.mm.memclass import DoubleFree, PoolExhausted
 from shm_layout.asi import GLOBAL_OWNER, PAGE_SIZE, PT_ENTRIES, PTMETA_DTYPE, u64_view, word
 from shm_layout.region import Region, sem_wait
 

@@ -5,58 +5,32 @@ non-sensitive* (mapped in every restricted tree) or *locally non-sensitive* with
 domain (mapped only in that domain's restricted trees). The allocator never puts two classes,
 or two owners' local data, on one frame: small objects are packed only into frames of their
 own (class, owner). A sensitive or local frame carries a token naming its class, owner and
-frame; loading from it deposits the token in the core's buffer (asirt.uarch).
+frame; loading from it deposits the token in the core's buffer (asirt.cpu.buffer). The token
+layout and the classes are the region's ABI (shm_layout.cpu).
 
-Callers hold the region's ``ptlock`` around alloc and free (asirt.asi does).
+Callers hold the region's page-table lock around alloc and free (asirt.mm.asi does).
 """
 from __future__ import annotations
-
-import enum
 
 import numpy as np
 
 from asirt.errors import AsirtError, BadInput
 from shm_layout.asi import PAGE_SIZE
+from shm_layout.cpu import (CLASS_SHIFT, FRAME_BITS, FRAME_MASK, MAX_DOMAINS, OWNER_MASK,
+                            MemClass, make_token, token_class, token_frame, token_owner)
 from shm_layout.region import Region
 
-OWNER_BITS = 24
-FRAME_BITS = 32
-CLASS_SHIFT = OWNER_BITS + FRAME_BITS
-OWNER_MASK = (1 << OWNER_BITS) - 1      # of ``token >> FRAME_BITS``
-FRAME_MASK = (1 << FRAME_BITS) - 1
+__all__ = ["MemClass", "describe", "make_token", "token_class", "token_owner", "token_frame",
+           "CLASS_SHIFT", "FRAME_BITS", "OWNER_MASK", "FRAME_MASK", "PoolExhausted",
+           "DoubleFree", "MappingRefused", "check_class", "Frames"]
+
 OBJECT_ALIGN = 8
-
-
-class MemClass(enum.IntEnum):
-    FREE = 0
-    SENSITIVE = 1
-    GLOBAL = 2       # globally non-sensitive
-    LOCAL = 3        # locally non-sensitive, one owner domain
 
 
 def describe(cls: int, owner: int) -> str:
     """``"sensitive"``, ``"global"``, ``"local(3)"``, ``"sensitive(3)"``: a class for messages."""
     name = MemClass(cls).name.lower()
     return f"{name}({owner})" if owner or cls == MemClass.LOCAL else name
-
-
-def make_token(cls: int, owner: int, pfn: int) -> int:
-    """The token of a frame: non-zero for sensitive and local frames, 0 for global and free."""
-    if cls in (MemClass.FREE, MemClass.GLOBAL):
-        return 0
-    return (cls << CLASS_SHIFT) | (owner << FRAME_BITS) | pfn
-
-
-def token_class(token: int) -> MemClass:
-    return MemClass(token >> CLASS_SHIFT)
-
-
-def token_owner(token: int) -> int:
-    return (token >> FRAME_BITS) & OWNER_MASK
-
-
-def token_frame(token: int) -> int:
-    return token & FRAME_MASK
 
 
 class PoolExhausted(AsirtError):
@@ -112,8 +86,9 @@ def check_class(cls: int, owner: int) -> None:
     if cls not in (MemClass.SENSITIVE, MemClass.GLOBAL, MemClass.LOCAL):
         raise BadInput(f"memory class {cls!r}", "is not allocatable",
                        "choose MemClass.SENSITIVE, MemClass.GLOBAL or MemClass.LOCAL")
-    if not 0 <= owner < 1 << OWNER_BITS:
-        raise BadInput(f"owner {owner}", f"is outside 0..{(1 << OWNER_BITS) - 1}")
+    if not 0 <= owner <= MAX_DOMAINS:
+        raise BadInput(f"owner {owner}", f"is outside the domains 0..{MAX_DOMAINS}",
+                       f"use a domain between 1 and {MAX_DOMAINS} (0: the host)")
     if cls == MemClass.LOCAL and owner == 0:
         raise BadInput("owner 0 for local memory", "local memory belongs to a domain",
                        "pass the owning domain (1 or more)")

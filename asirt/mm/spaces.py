@@ -1,5 +1,7 @@
-"""Address Space Isolation: instances, classes with enter/exit hooks, per-CPU enter/exit with
-taints, interrupt nesting, page-fault-and-retry, and where each class of memory is mapped.
+"""Address spaces in the region, from any process: where each class of memory is mapped, ASI
+instances and their classes, page allocation and the TLB shootdowns that unmapping needs, and
+the checks of the trees' invariants. The per-CPU side (asi_enter, asi_exit, loads) is
+:class:`asirt.mm.asi.Asi`, which builds on this.
 
 Virtual layout (every frame is mapped once in the full tree, at an address fixed by its
 frame number and class, so a restricted mapping is always a copy of the full tree's):
@@ -14,40 +16,28 @@ An instance is (domain, class), refcounted; its index is its PCID; index 0 is th
 Classes: ``kvm`` (exit hook: request sibling stun; enter: flush the core buffer when the
 CPU's taints say so, then the enter hook releases the siblings), ``kpti`` (no hooks, never
 flushes) and ``idle`` (maps only global memory). The stun itself belongs to the sibling-sync
-code, which plugs into :meth:`Asi.set_hooks`.
-
-Taints (per CPU, as in the 2025 ASI proposals): KERNEL (a sensitive frame was loaded), GUEST
-(a local frame of ``taint_dom`` was loaded), OTHER (a second domain's local frame was
-loaded). asi_enter flushes when the CPU holds a taint the class protects against; GUEST only
-counts when it is another domain's. That is KVM's conditional l1tf_flush_l1d.
-
-An access to an address the current restricted tree does not map is a page fault: asi_exit,
-retry in the full tree, and count it. A signal handler between asi_intr_enter/asi_intr_exit
-stays in the restricted space unless it faults; asi_intr_exit then re-enters. Never map,
-unmap or change instances from a signal handler (they take the region lock).
+code, which plugs into :meth:`AddressSpaces.set_hooks`. Never map, unmap or change instances
+from a signal handler (they take the region lock).
 """
 from __future__ import annotations
 
 import enum
-import os
-import time
-from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from asirt.cpu import Cpu
 from asirt.errors import AsirtError, BadInput, CheckFailed
-from asirt.memclass import (CLASS_SHIFT, FRAME_BITS, OWNER_MASK, DoubleFree, Frames,
-                            MappingRefused, MemClass, PoolExhausted, describe)
-from asirt.pagetable import (LOCK_TIMEOUT_S, NX, PFN_MASK, PFN_SHIFT, PRESENT, WRITABLE,
-                             CorruptEntry, LockTimeout, PageTables, index, make_pte, pte_frame)
 from asirt.fence import fence
-from asirt.tlb import EPOCH_MASK, EPOCH_SHIFT, INST_WORDS, PCID_SHIFT, VALID, Shootdowns, Tlb
-from asirt.uarch import CoreBuffer
-from shm_layout.asi import (CPU_DTYPE, FRAME_DTYPE, GLOBAL_OWNER, INST_DTYPE, MAX_ASI,
-                            PAGE_SIZE, word)
+from asirt.mm.memclass import DoubleFree, Frames, MappingRefused, MemClass, PoolExhausted, describe
+from asirt.mm.pagetable import (NX, PRESENT, WRITABLE,
+                                CorruptEntry, PageTables, index, make_pte, pte_frame)
+from asirt.mm.tlb import Shootdowns, Tlb
+from asirt.cpu.state import ALL_TAINTS
+from shm_layout.asi import GLOBAL_OWNER, MAX_ASI, PAGE_SIZE, word
+from shm_layout.cpu import MAX_DOMAINS
 from shm_layout.region import Region
-from shm_layout.sections import Mode
 
 DMAP_BASE = 0xFFFF_8880_0000_0000
 LOCAL_BASE = 0xFFFF_8900_0000_0000
@@ -64,13 +54,7 @@ class AsiClassId(enum.IntEnum):
     IDLE = 3
 
 
-class Taint(enum.IntFlag):
-    KERNEL = 1
-    GUEST = 2
-    OTHER = 4
-
-
-Hook = Callable[["Asi", int], None]     # (the CPU's Asi, instance)
+Hook = Callable[["Asi", int], None]     # (the CPU's asirt.mm.asi.Asi, instance)
 
 
 @dataclass(frozen=True)
@@ -84,7 +68,7 @@ class AsiClass:
 
 def default_classes() -> dict[int, AsiClass]:
     k = AsiClassId
-    return {k.KVM: AsiClass(k.KVM, Taint.KERNEL | Taint.GUEST | Taint.OTHER, True),
+    return {k.KVM: AsiClass(k.KVM, ALL_TAINTS, True),
             k.KPTI: AsiClass(k.KPTI, 0, True),
             k.IDLE: AsiClass(k.IDLE, 0, False)}
 
@@ -137,32 +121,10 @@ class InvariantViolation(CheckFailed):
         return "page-table invariant violated: " + "; ".join(self.problems[:10]) + more
 
 
-_I = {f: INST_DTYPE.fields[f][1] // 8 for f in INST_DTYPE.names}
-_C = {f: CPU_DTYPE.fields[f][1] // 8 for f in CPU_DTYPE.names}
-_FRAME_WORDS = FRAME_DTYPE.itemsize // 8
-_TOKEN = FRAME_DTYPE.fields["token"][1] // 8
-_SENSITIVE = int(MemClass.SENSITIVE)
-_ASI, _HOST = int(Mode.ASI), int(Mode.HOST)
-_KERNEL, _GUEST, _OTHER = int(Taint.KERNEL), int(Taint.GUEST), int(Taint.OTHER)
 
-
-class _Entry(NamedTuple):
-    """What asi_enter needs of a live instance; asi_enter unpacks it by position."""
-    life: int          # the instance's state word when cached: its incarnation
-    state_w: int       # word of that state (a mismatch: destroyed or recreated since)
-    root: int
-    domain: int
-    cls: AsiClass
-    protect: int
-    on_enter: Hook | None
-    gen_w: int         # word of the instance's TLB generation
-    seen_w: int        # word of this CPU's seen[pcid]
-    tag: int           # TLB tag bits of the PCID, without the epoch
-
-
-def setup(region: Region, cores: list[list[int]]) -> None:
-    """Parent, before any worker attaches: the lock, the full tree (instance 0), the template
-    tree with the shared global PDPT, and each CPU's core and lane."""
+def setup(region: Region) -> None:
+    """Parent, before any worker attaches: the lock, the full tree (instance 0) and the
+    template tree with the shared global PDPT."""
     pt = PageTables(region)
     try:
         with pt:
@@ -175,26 +137,19 @@ def setup(region: Region, cores: list[list[int]]) -> None:
             region.array("asi_ctl")["template"][0] = template
     finally:
         pt.close()
-    cpus = region.array("asi_cpu")
-    for k, sibs in enumerate(cores):
-        for lane, slot in enumerate(sibs):
-            cpus["core"][slot], cpus["lane"][slot] = k, lane
 
 
-class Asi:
-    """One process's handle on the ASI state; ``cpu`` is its CPU slot, None for the parent.
+class AddressSpaces:
+    """One process's handle on the region's address spaces (module docstring); every
+    operation takes the region's page-table lock. ``cpu``: the pinned CPU the process drives,
+    whose waits (a shootdown) answer at its safe point; None for the parent."""
 
-    The CPU operations (``asi_enter`` ... ``access``) need a ``cpu``; mapping and instance
-    operations work from any process and take the region's page-table lock.
-    """
-
-    def __init__(self, region: Region, cpu: int | None = None,
+    def __init__(self, region: Region, cpu: Cpu | None = None,
                  classes: dict[int, AsiClass] | None = None) -> None:
         self.region, self.cpu = region, cpu
         self.classes = dict(default_classes() if classes is None else classes)
         self.pt = PageTables(region)
         self.q = self.pt.q
-        self.words = region.words
         self.frames = Frames(region)
         self.insts = region.array("asi_inst")
         self.ibase = word(region, "asi_inst", 0)
@@ -202,38 +157,15 @@ class Asi:
         self.template = int(region.array("asi_ctl")["template"][0])
         self.full_root = int(self.insts["root"][0])
         self.tlb: Tlb | None = None
-        self.buf: CoreBuffer | None = None
-        self._intr: list[int] = []
-        self._infos: dict[int, _Entry] = {}
-        self._k: AsiClass | None = None
         if cpu is not None:
-            self.tlb = Tlb(region, cpu, self.pt, self.full_root)
-            #: translate(va): the current tree's leaf entry for va (0: unmapped), TLB first
-            self.translate = self.tlb.translate
+            self.tlb = Tlb(cpu, self.pt, self.full_root)
             self.pt.service = self.tlb.service
-            rec = region.array("asi_cpu")[cpu]
-            self.buf = CoreBuffer(region, int(rec["core"]), int(rec["lane"]))
-            self.rec = word(region, "asi_cpu", cpu)
-            self._cur, self._tgt = self.rec + _C["current"], self.rec + _C["target"]
-            self._taint, self._tdom = self.rec + _C["taint"], self.rec + _C["taint_dom"]
-            self._mode = region.word_index("slots", cpu, "mode")
-            self._dom = region.word_index("slots", cpu, "domain")
         self.shootdowns = Shootdowns(region, cpu, self.tlb, self.pt)
 
     def close(self) -> None:
-        if self.buf is not None:
-            self.buf.close()
         self.frames.close()
         del self.insts
         self.pt.close()
-
-    def set_hooks(self, cls: int, on_enter: Hook | None = None,
-                  on_exit: Hook | None = None) -> None:
-        """Install a class's enter/exit hooks in this process (the sibling stun plugs in here)."""
-        self.classes[cls] = replace(self.classes[cls], on_enter=on_enter, on_exit=on_exit)
-        self._infos.clear()
-        if self._k is not None and self._k.id == cls:
-            self._k = self.classes[cls]
 
     # -- memory: allocation and placement (any process; takes the lock) ------------------
     def _restricted(self) -> list[int]:
@@ -367,6 +299,9 @@ class Asi:
         if cls == AsiClassId.IDLE and domain:
             raise BadInput(f"domain {domain} for the idle class", "idle maps no domain's memory",
                            "use domain 0")
+        if not 0 <= domain <= MAX_DOMAINS:
+            raise BadInput(f"domain {domain}", f"is outside the domains 0..{MAX_DOMAINS}",
+                           f"use a domain between 1 and {MAX_DOMAINS} (0: the host)")
         with self.pt:
             inst = self.find(domain, cls)
             if inst is not None:
@@ -423,194 +358,6 @@ class Asi:
             rec["refcount"], rec["root"], rec["domain"], rec["cls"] = 0, 0, 0, 0
             rec["gen"] += 1
 
-    # -- this CPU -------------------------------------------------------------------------
-    def online(self) -> None:
-        """Start driving this CPU: empty TLB, unrestricted, tainted (kernel ran before us)."""
-        q, r = self.q, self.rec
-        for f in ("current", "target", "intr_depth"):
-            q[r + _C[f]] = 0
-        self._intr.clear()           # the spaces interrupted handlers return to (intr_depth)
-        q[r + _C["pid"]] = os.getpid()
-        q[self._taint], q[self._tdom] = _KERNEL, 0
-        self.tlb.clear()
-        self.words[self._mode], self.words[self._dom] = Mode.HOST, 0
-        q[r + _C["online"]] = 1
-
-    def offline(self) -> None:
-        """Stop driving this CPU (before the worker exits): nobody waits for it any more."""
-        self.asi_relinquish()
-        self.q[self.rec + _C["online"]] = 0
-
-    @property
-    def current(self) -> int:
-        return self.q[self._cur]
-
-    @property
-    def target(self) -> int:
-        return self.q[self._tgt]
-
-    @property
-    def taint(self) -> Taint:
-        return Taint(self.q[self._taint])
-
-    def stat(self, field: str) -> int:
-        """One of this CPU's asi_cpu words: ``faults``, ``flushes``, ``tlb_misses``, ..."""
-        return self.q[self.rec + _C[field]]
-
-    def _info(self, inst: int) -> _Entry:
-        """What asi_enter needs of a live instance, cached per incarnation (its ``state``)."""
-        if not 0 < inst < MAX_ASI:
-            raise AsiStateError(inst, "is not a restricted instance")
-        ib = self.ibase + inst * INST_WORDS
-        q = self.q
-        life = q[ib + _I["state"]] or self._settled(inst, ib)
-        k = self.classes[q[ib + _I["cls"]]]
-        info = _Entry(life, ib + _I["state"], q[ib + _I["root"]],
-                      q[ib + _I["domain"]], k, int(k.protect), k.on_enter, ib + _I["gen"],
-                      self.tlb.seen + inst, VALID | inst << PCID_SHIFT)
-        self._infos[inst] = info
-        return info
-
-    def _settled(self, inst: int, ib: int) -> int:
-        """``inst``'s state word, read as 0: raise if the instance is gone; while an asi_destroy
-        on another CPU is deciding (it writes state 0 under the lock, then frees the tree and
-        zeroes refcount, or is refused and restores state), wait for its answer."""
-        q, sw, rw = self.q, ib + _I["state"], ib + _I["refcount"]
-        start = time.monotonic()
-        while not q[sw]:
-            if not q[rw]:
-                raise AsiStateError(inst, "is not live")
-            os.sched_yield()
-            if time.monotonic() - start > LOCK_TIMEOUT_S:
-                raise LockTimeout(f"page-table lock (asi_destroy({inst}) in progress)",
-                                  q[self.pt.lock_pid], time.monotonic() - start)
-        return q[sw]
-
-    def asi_enter(self, inst: int) -> None:
-        """Switch to instance ``inst``'s restricted tree (and make it the target)."""
-        q = self.q
-        cur = q[self._cur]
-        if cur == inst:
-            if not inst:
-                raise AsiStateError(0, "is the full tree: leave a restricted one with asi_exit")
-            return
-        if cur:
-            self.asi_exit()
-        info = self._infos.get(inst) or self._info(inst)
-        q[self._cur] = inst
-        fence()                          # current before gen and state: see asirt.tlb
-        if q[info[1]] != info[0]:        # destroyed, or a new life since we cached it
-            q[self._cur] = 0
-            del self._infos[inst]
-            return self.asi_enter(inst)
-        q[self._tgt] = inst
-        _, _, root, dom, k, protect, on_enter, genw, seenw, tag = info
-        tlb = self.tlb                   # load the TLB's registers (see asirt.tlb.Tlb)
-        g = q[genw]
-        tlb.pcid, tlb.root, tlb.gen = inst, root, g
-        tlb.tag = tag | (g & EPOCH_MASK) << EPOCH_SHIFT
-        if q[seenw] != g:                # the tree changed since we last ran in it: flush
-            tlb.flush_pcid(inst, g)
-        w = self.words
-        w[self._mode] = _ASI
-        w[self._dom] = dom
-        self._k = k
-        t = q[self._taint] & protect
-        if t and (t != _GUEST or q[self._tdom] != dom):
-            self.flush()
-        if on_enter is not None:
-            on_enter(self, inst)
-
-    def asi_exit(self) -> None:
-        """Back to the full tree; the target stays (asi_intr_exit re-enters it)."""
-        q = self.q
-        cur = q[self._cur]
-        if not cur:
-            return
-        on_exit = self._k.on_exit
-        if on_exit is not None:
-            on_exit(self, cur)
-        w = self.words
-        w[self._mode] = _HOST
-        w[self._dom] = 0
-        q[self._cur] = 0
-        self.tlb.switch_full()
-
-    def asi_relinquish(self) -> None:
-        """asi_exit and drop the target: this CPU no longer uses any instance."""
-        self.asi_exit()
-        self.q[self._tgt] = 0
-
-    def asi_intr_enter(self) -> None:
-        """An interrupt (a signal handler) begins: it keeps the address space it found."""
-        self._intr.append(self.q[self._cur])
-        self.q[self.rec + _C["intr_depth"]] += 1
-
-    def asi_intr_exit(self) -> None:
-        """The handler ends: if it faulted out of the restricted space, re-enter it."""
-        if not self._intr:
-            raise AsirtError("asi_intr_exit without asi_intr_enter")
-        was = self._intr.pop()
-        self.q[self.rec + _C["intr_depth"]] -= 1
-        if was and self.q[self._cur] != was:
-            self.asi_enter(was)
-
-    def access(self, va: int) -> int:
-        """Load from ``va``: translate (a restricted miss faults: asi_exit and retry in the
-        full tree), deposit the frame's token, taint the CPU. Returns the frame number."""
-        pte = self.tlb.translate(va)
-        if not pte:
-            q = self.q
-            cur = q[self._cur]
-            if not cur:
-                raise PageFault(va, 0)
-            q[self.rec + _C["faults"]] += 1
-            self.asi_exit()
-            pte = self.tlb.translate(va)
-            if not pte:
-                raise PageFault(va, cur)
-        pfn = (pte >> PFN_SHIFT) & PFN_MASK
-        token = self.q[self.fbase + pfn * _FRAME_WORDS + _TOKEN]
-        if token:
-            self._load(token)
-        return pfn
-
-    def touch(self, va: int) -> bool:
-        """A speculative load: deposits the token if ``va`` is mapped in the current tree,
-        never faults. Whether it reached memory."""
-        pte = self.tlb.translate(va)
-        if not pte:
-            return False
-        token = self.q[self.fbase + ((pte >> PFN_SHIFT) & PFN_MASK) * _FRAME_WORDS + _TOKEN]
-        if token:
-            self._load(token)
-        return True
-
-    def _load(self, token: int) -> None:
-        self.buf.deposit(token)
-        q = self.q
-        t = q[self._taint]
-        if token >> CLASS_SHIFT == _SENSITIVE:
-            q[self._taint] = t | _KERNEL
-            return
-        owner = (token >> FRAME_BITS) & OWNER_MASK
-        if not t & _GUEST:
-            q[self._tdom] = owner
-            q[self._taint] = t | _GUEST
-        elif q[self._tdom] != owner:
-            q[self._taint] = t | _OTHER
-
-    def flush(self) -> None:
-        """Flush the core's buffer (real L1D-sized eviction work) and clear the taints."""
-        self.buf.flush()
-        q = self.q
-        q[self._taint] = 0
-        q[self.rec + _C["flushes"]] += 1
-
-    def service(self) -> None:
-        """A safe point: answer pending TLB flush requests."""
-        self.tlb.service()
-
     # -- checks ---------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Every way the trees break the rules: each restricted mapping must equal the full
@@ -661,16 +408,24 @@ class Asi:
             raise InvariantViolation(problems)
 
 
-def counters(region: Region) -> dict[str, int]:
-    """Totals over every CPU (and the parent) for a run's ``counters``."""
-    cpus = region.array("asi_cpu")
+def frames_of(region: Region, cls: int, owner: int = 0) -> list[int]:
+    """The virtual addresses of every frame of ``cls`` and ``owner``, in frame order."""
+    a = region.array("asi_frames")
+    pfns = np.flatnonzero((a["cls"] == cls) & (a["owner"] == owner))
+    return [frame_va(int(p), cls) for p in pfns]
+
+
+def parent_counters(region: Region) -> dict[str, int]:
+    """The shootdowns the parent (no CPU) sent and avoided, for a run's ``counters``: the
+    CPUs' own are in their counters (asi.shootdowns_*)."""
     ctl = region.array("asi_ctl")[0]
-    out = {f: int(cpus[f].sum()) for f in ("faults", "flushes", "tlb_flushes", "tlb_misses")}
-    for f in ("shootdowns_sent", "shootdowns_avoided"):
-        out[f] = int(cpus[f].sum() + ctl[f])
-    return out
+    return {f"asi.{f}": int(ctl[f]) for f in ("shootdowns_sent", "shootdowns_avoided")}
 
 
-__all__ = ["Asi", "AsiClass", "AsiClassId", "Taint", "setup", "counters", "frame_va",
+if TYPE_CHECKING:
+    from asirt.mm.asi import Asi
+
+__all__ = ["AddressSpaces", "AsiClass", "AsiClassId", "setup", "parent_counters", "frame_va",
+           "frames_of",
            "DMAP_BASE", "LOCAL_BASE", "PageFault", "NotMapped", "AsiStateError",
            "InvariantViolation"]

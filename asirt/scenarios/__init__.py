@@ -1,0 +1,73 @@
+"""Parent side: the scenarios a run is made of, in one shape, and their registry.
+
+A :class:`Scenario` turns a topology and :class:`Options` into entries; each entry is one
+orchestrator run (a fresh region, fresh pinned workers) whose merged histograms, counters and
+events become an :class:`asirt.results.Entry`. ``count`` says how many entries ``run`` will
+yield (for the progress line).
+
+Layering: scenarios import the orchestrator, results and every layer below; the workers never
+import them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+from asirt.cpu.transport import TRANSPORTS
+from asirt.errors import BadInput
+from asirt.progress import ProgressLine
+from asirt.results import Entry
+from asirt.topology import Topology
+
+__all__ = ["Scenario", "Options", "SCENARIOS", "DEFAULT_SCENARIO", "parse_choices",
+           "check_duration"]
+
+DEFAULT_SCENARIO = "pingpong"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line chose, for every scenario (each reads what applies to it)."""
+    transports: tuple[str, ...] = TRANSPORTS
+    duration_s: float = 2.0
+    floor: bool = True                          # also measure the reference (C floor, pingpong)
+    protocols: tuple[str, ...] = ("strict", "naive")   # stun handshake variants
+
+
+class Scenario(NamedTuple):
+    help: str
+    count: Callable[[Topology, Options], int]     # entries it will produce (for progress)
+    run: Callable[[Topology, Options, ProgressLine | None], Iterator[Entry]]
+
+
+def parse_choices(text: str, valid: Sequence[str], option: str) -> list[str]:
+    """``"spin,sem"`` -> ["spin", "sem"], refusing anything not in ``valid``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in valid]
+    if bad or not items:
+        raise BadInput(f"{option} {text!r}", f"unknown value {bad[0]!r}" if bad else "is empty",
+                       f"choose from {', '.join(valid)} (comma-separated)")
+    return list(dict.fromkeys(items))
+
+
+def check_duration(duration: float) -> float:
+    if not (math.isfinite(duration) and duration > 0):
+        raise BadInput(f"--duration {duration}", "must be a positive, finite number of seconds",
+                       "for example --duration 2")
+    return duration
+
+
+def _registry() -> dict[str, Scenario]:
+    from asirt.scenarios import asi, pingpong, stun
+    return {
+        "pingpong": Scenario("raw round trip of each IPI-like transport per CPU pair",
+                             pingpong.count, pingpong.run),
+        "stun": Scenario("strict and naive sibling stun round trips, unstun and VM-entry barrier",
+                         stun.count, stun.run_scenario),
+        "asi": Scenario("page walks, asi_exit/enter, faults, flushes and shootdowns on every CPU",
+                        asi.count, asi.run),
+    }
+
+
+SCENARIOS: dict[str, Scenario] = _registry()

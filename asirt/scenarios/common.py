@@ -1,0 +1,105 @@
+"""What the multi-CPU scenarios share: which CPUs form each core's lanes, the plan of workers,
+the region setup of the synchronization sections, and reading the counters and events back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from asirt import collect, orchestrator, sync
+from asirt.errors import BadInput
+from asirt.orchestrator import WorkerSpec
+from asirt.params import MonitorParams
+from asirt.topology import Topology
+from shm_layout import Region, Section
+from shm_layout.sections import MAX_SIBLINGS
+
+__all__ = ["Plan", "plan_cores", "plan", "sync_sections", "sync_init", "collect_run",
+           "MAX_LISTED", "violation_events"]
+
+#: events listed in result.json per entry (the counters have them all)
+MAX_LISTED = 50
+
+
+@dataclass(frozen=True)
+class Plan:
+    workers: list[WorkerSpec]
+    cores: list[list[int]]          # slot indices per core (vCPU workers only)
+    core_cpus: list[list[int]]      # CPU of each lane
+    monitor: int | None             # slot of the monitor, if any
+    oversubscribed: bool
+
+    @property
+    def vslots(self) -> list[int]:
+        return [s for core in self.cores for s in core]
+
+    @property
+    def cpus(self) -> list[int]:
+        return [c for core in self.core_cpus for c in core]
+
+
+def plan_cores(topo: Topology, lanes_per_core: int | None = None) -> list[list[int]]:
+    """The CPUs of each core's lanes: the usable cores (pseudo-cores when emulated), or each
+    core's CPUs cycled to ``lanes_per_core`` lanes (more workers than CPUs: oversubscribed)."""
+    cores = [list(c) for c in topo.usable_cores if len(c) >= 2]
+    if not cores:
+        raise BadInput("--cpus", f"the selected CPUs {list(topo.cpus)} form no core "
+                       "with two siblings", "select at least two CPUs (they are grouped into "
+                       "emulated siblings when the machine has no SMT)")
+    if lanes_per_core is not None:
+        if not 2 <= lanes_per_core <= MAX_SIBLINGS:
+            raise BadInput(f"--workers {lanes_per_core}", "siblings per core out of range",
+                           f"choose between 2 and {MAX_SIBLINGS}")
+        cores = [[c[i % len(c)] for i in range(lanes_per_core)] for c in cores]
+    for c in cores:
+        if len(c) > MAX_SIBLINGS:
+            raise BadInput("--cpus", f"a core with {len(c)} siblings", f"at most {MAX_SIBLINGS} fit")
+    return cores
+
+
+def plan(core_cpus: list[list[int]], role: str, params: Callable[[int, int], Any],
+         monitor: bool) -> Plan:
+    """One ``role`` worker per lane (``params(core, lane)`` its parameters), plus a monitor
+    sharing the last CPU when asked (it yields between samples)."""
+    cores: list[list[int]] = []
+    workers = []
+    for k, cpus in enumerate(core_cpus):
+        first = len(workers)
+        cores.append(list(range(first, first + len(cpus))))
+        workers += [WorkerSpec(cpu, role, params(k, lane)) for lane, cpu in enumerate(cpus)]
+    over = orchestrator.oversubscribed(workers)
+    mon = None
+    if monitor:
+        mon = len(workers)
+        workers.append(WorkerSpec(core_cpus[-1][-1], "monitor",
+                                  MonitorParams(tuple(tuple(c) for c in cores)), spins=False))
+    return Plan(workers, cores, core_cpus, mon, over)
+
+
+def sync_sections(p: Plan) -> list[Section]:
+    return sync.sections(len(p.workers), len(p.cores))
+
+
+def sync_init(p: Plan, then: Callable[[Region], None] | None = None) -> Callable[[Region], None]:
+    def init(region: Region) -> None:
+        sync.setup(region, p.cores)
+        if then is not None:
+            then(region)
+    return init
+
+
+def collect_run(region: Region) -> dict[str, Any]:
+    """Everything a scenario reads back from a run's region before it is unlinked."""
+    cpus = [int(c) for c in region.array("slots")["cpu"]]
+    out: dict[str, Any] = {
+        "totals": collect.counters(region),
+        "counters": collect.per_slot_counters(region),
+        "events": collect.events(region, cpus),
+        "fenced": [int(x) for x in region.array("cpu_state")["fenced"]],
+    }
+    if region.has_section("core_sync"):
+        out["rv_rounds"] = [int(x) for x in region.array("core_sync")["rv_rounds"]]
+    return out
+
+
+def violation_events(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] in collect.VIOLATION_KINDS][:MAX_LISTED]

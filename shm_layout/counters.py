@@ -1,0 +1,72 @@
+"""The per-CPU counters every mechanism publishes (``cpu_state.counters``), by name.
+
+Names are namespaced by the mechanism that counts them (``stun.flushes`` are the flushes the
+stun handshake asked for, ``asi.flushes`` those asi_enter asked for; ``buffer.flushes`` are
+the flushes the core buffer actually did, whoever asked). The index of a name is its place in
+:data:`COUNTERS`: part of the region's ABI, so the section's dtype depends on the count.
+Times are in ns.
+"""
+from __future__ import annotations
+
+COUNTERS = (
+    # the CPU itself (asirt.cpu)
+    "cpu.transitions",      # mode changes
+    "cpu.host_entries",
+    "cpu.guest_entries",
+    "cpu.timeouts",         # waits that ran past the ack timeout and checked liveness
+    "cpu.slow",             # ... and found the CPU waited for alive: waited on
+    "cpu.fenced",           # siblings fenced off (dead, or stopped and killed)
+    "cpu.ipis",             # deliveries sent (signals, semaphore posts)
+    "buffer.flushes",       # flushes of the core buffer, for any reason
+    "buffer.deposits",      # tokens deposited by loads (mode periods not included)
+    # the checkers (evidence, independent of the protocols' bookkeeping)
+    "check.checks",         # transition-time assertions run
+    "check.ns",             # ... and the time they took
+    "check.s1",             # violations found by this worker's transition-time assertions
+    "check.s2",
+    "check.s3",
+    "check.samples",        # buffer samples taken by this CPU's guest
+    "check.leaks",          # foreign tokens those samples saw
+    "check.leak_host",      # ... of them host (sensitive) data
+    "check.leak_domain",    # ... of them another domain's local data
+    "check.corrupt",        # out-of-range words read from the region (asirt stress --faults corrupt)
+    "monitor.samples",      # consistent snapshots taken
+    "monitor.retries",      # snapshots retried (a CPU changed mode while read)
+    "monitor.s1",
+    "monitor.s2",
+    "monitor.ns",
+    # the stun handshake (asirt.sync.stun)
+    "stun.requests",        # stun requests issued (R1)
+    "stun.acks",            # requests of siblings acknowledged
+    "stun.parks",           # times this CPU parked (STUNNED)
+    "stun.aborts",          # requests given up (sibling unresponsive past give_up): released
+    "stun.flushes",         # flushes on release (R6)
+    "stun.exposed",         # naive: releases where a sibling had not parked when HOST was entered
+    # the VM-entry barrier (asirt.sync.barrier)
+    "barrier.tries",        # barrier checks run
+    "barrier.busy",         # ... failed: a sibling requested, or is in HOST
+    "barrier.dom",          # ... failed: a sibling runs another domain
+    "barrier.flushes",      # flushes the barrier did because this CPU's taints asked for one
+    "barrier.rv_rounds",    # rendezvous rounds this CPU completed
+    # core scheduling (asirt.sync.coresched)
+    "coresched.tasks",
+    "coresched.forced_idle",
+    "coresched.forced_idle_ns",
+    # address space isolation (asirt.mm)
+    "asi.enters",
+    "asi.exits",
+    "asi.faults",           # accesses that faulted in a restricted tree and retried
+    "asi.flushes",          # flushes asi_enter did (the CPU's taints asked for one)
+    "asi.tlb_flushes",      # PCID flushes: lazy (at switch) and requested (shootdown)
+    "asi.tlb_misses",
+    "asi.shootdowns_sent",
+    "asi.shootdowns_avoided",
+    "asi.gadgets",          # speculative touches of a sensitive page
+    "asi.gadget_hits",      # ... that reached memory (mapped in the current tree)
+)
+COUNTER = {name: i for i, name in enumerate(COUNTERS)}
+assert len(COUNTER) == len(COUNTERS), "a counter name appears twice"
+#: room for the counters, in whole 128-byte blocks, with space to grow
+NCOUNTERS = -(-(len(COUNTERS) + 16) // 16) * 16
+
+__all__ = ["COUNTERS", "COUNTER", "NCOUNTERS"]
