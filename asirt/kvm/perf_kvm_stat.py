@@ -3,13 +3,13 @@
 A pure parser: ``parse_table(text, origin) -> Table``. It reads the table as perf prints it
 and as it survives being pasted into mail, blogs and bug reports:
 
-- perf up to 6.x (``tools/perf/builtin-kvm.c``, ``print_result``)::
+- perf up to 6.x (``tools/perf/builtin-kvm.c``, ``print_result``; spacing narrowed here)::
 
       Analyze events for all VMs, all VCPUs:
 
-                   VM-EXIT    Samples  Samples%     Time%    Min Time    Max Time         Avg time
+          VM-EXIT  Samples  Samples%  Time%  Min Time   Max Time  Avg time
 
-                 MSR_WRITE       9167    35.40%     0.04%      0.45us   9554.94us      3.00us ( +-  41.94% )
+        MSR_WRITE     9167    35.40%  0.04%    0.45us  9554.94us    3.00us ( +-  41.94% )
 
       Total Samples:25898, Total events handled time:68281638.61us.
 
@@ -17,8 +17,8 @@ and as it survives being pasted into mail, blogs and bug reports:
   (``stddev / sqrt(n)``) relative to the mean, in percent.
 - the column layout with the unit in the header (RISC-V's port, 2024)::
 
-      Event name                Samples   Sample%    Time (ns)     Time%   Max Time (ns)   Min Time (ns)  Mean Time (ns)
-      STORE_GUEST_PAGE_FAULT     26968     54.00%    2003031800    40.00%     3361400         27600          74274
+      Event name    Samples  Sample%  Time (ns)  Time%  Max Time (ns)  Min Time (ns)  Mean Time (ns)
+      LOAD_ACCESS       986    1.00%  671556200 13.00%        4180200         100700          681091
 
   Columns are taken from the header line, so their order and units come from it.
 - ``perf kvm stat live``: a wall-clock line (``15:52:35.709821``) above each table.
@@ -45,17 +45,20 @@ from asirt.errors import BadInput
 
 __all__ = ["Row", "Table", "parse_table", "TOTAL_TOLERANCE"]
 
-#: how far the rows' Samples may fall short of Total Samples, as a fraction of the total:
-#: the 0.01% a row whose Samples% prints as 0.00% can hide. Anything more is rows left out.
+#: how far the sum of the rows' Samples may be off Total Samples, as a fraction of the total:
+#: the 0.01% a row whose Samples% prints as 0.00% can hide. More is rows left out or added.
 TOTAL_TOLERANCE = 1e-4
 
 _UNIT_NS = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}
-_NUM = r"(\d{1,15}(?:\.\d{1,9})?)(?![\d.])"      # bounded: no 5000-digit int() calls
+_NUM = r"(\d{1,15}(?:\.\d{1,9})?)(?!\d|\.\d)"      # bounded: no 5000-digit int() calls
 _QUOTE = re.compile(r"^[ \t]*(?:>[ \t]?)+")
-_ANALYZE = re.compile(r"^Analyze events for .*:$", re.IGNORECASE)
+_ANALYZE = re.compile(r"^Analyze\s+events\s+for\s.*:$", re.IGNORECASE)
 _STAMP = re.compile(r"^\d{1,2}:\d{2}:\d{2}(?:\.\d+)?$")
-_UNKNOWN = re.compile(r"^unknown kvm exit code:\s*-?\d+ on (?:VMX|SVM)$", re.IGNORECASE)
-_TOTAL = re.compile(r"^Total Samples:\s*(\d{1,15})\s*,\s*Total events handled time:\s*"
+_UNKNOWN = re.compile(r"^unknown\s+kvm\s+exit\s+code:\s*-?\d+\s+on\s+(?:VMX|SVM)$",
+                      re.IGNORECASE)
+_TOTAL_START = re.compile(r"^Total\s+Samples\s*:", re.IGNORECASE)
+_TOTAL = re.compile(r"^Total\s+Samples\s*:\s*(\d{1,15})\s*,\s*Total\s+events\s+handled\s+"
+                    r"time\s*:\s*"
                     + _NUM + r"\s*(ns|us|ms|s)?\s*\.?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$")
 _HEAD = re.compile(r"\s*(?:vm-exit|event\s+name|msr\s+access|io\s+port\s+access|"
@@ -125,6 +128,7 @@ class _Parser:
         self.pending: tuple[int, str, str] | None = None   # a row still missing columns
         self.tail_open = False           # the last row may still get its ( +- x% )
         self.total: tuple[int, float, int] | None = None
+        self.total_text: tuple[int, str] | None = None      # a Total line cut in two
 
     def fail(self, lineno: int, text: str, problem: str, fix: str) -> BadInput:
         return BadInput(f"{self.origin} line {lineno}", f"{problem}: {text.strip()!r}", fix)
@@ -268,14 +272,31 @@ class _Parser:
     # --- lines ----------------------------------------------------------------------------
 
     def read_total(self, lineno: int, text: str) -> bool:
-        m = _TOTAL.match(text)
-        if m is None:
+        if not _TOTAL_START.match(text):
             return False
+        m = _TOTAL.match(text)
+        if m is None:                    # wrapped by a mail client: join the next line
+            self.total_text = (lineno, text)
+        else:
+            self.set_total(lineno, text, m)
+        return True
+
+    def end_total(self, text: str) -> None:
+        assert self.total_text is not None
+        lineno, head = self.total_text
+        self.total_text = None
+        m = _TOTAL.match(f"{head} {text}")
+        if m is None:
+            raise self.fail(lineno, head, "cannot read the Total line",
+                            "give it as perf prints it: Total Samples:N, Total events handled "
+                            "time:T us.")
+        self.set_total(lineno, head, m)
+
+    def set_total(self, lineno: int, text: str, m: re.Match[str]) -> None:
         if self.total is not None:
             raise self.fail(lineno, text, "a second Total line", "import one table per file")
         time_ns = float(m.group(2)) * _UNIT_NS[(m.group(3) or "us").lower()]
         self.total = (int(m.group(1)), time_ns, lineno)
-        return True
 
     def line(self, lineno: int, raw: str) -> None:
         text = _QUOTE.sub("", raw, count=1).strip()
@@ -288,6 +309,9 @@ class _Parser:
             start, name, values = self.pending
             raise self.fail(start, f"{name} {values}", "the row ends before its last column",
                             "give the row with all its values")
+        if self.total_text is not None:
+            self.end_total(text)
+            return
         if not text or _ANALYZE.match(text) or _STAMP.match(text) or _UNKNOWN.match(text):
             return
         if self.head_text and self.extend_header(text):
@@ -309,6 +333,11 @@ class _Parser:
                             "give the row with all its values")
         if self.head_text:
             self.end_header()
+        if self.total_text is not None:
+            lineno, head = self.total_text
+            raise self.fail(lineno, head, "the Total line is cut off",
+                            "give it as perf prints it: Total Samples:N, Total events handled "
+                            "time:T us.")
         if not self.rows:
             raise BadInput(self.origin, "has no VM-EXIT table rows",
                            "give the output of `perf kvm stat report --event=vmexit`")

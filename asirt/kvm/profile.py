@@ -58,8 +58,8 @@ DEFAULT_EXIT_RATE_HZ = 10_000.0
 MAX_HANDLER_NS = 1e15          # 11.6 days: keeps every draw far inside int64
 MAX_EXIT_RATE_HZ = 1e9         # one exit per ns of guest time
 MAX_REASONS = 4096             # reason indices are int16
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-_NAME_FIX = "use 1 to 64 letters, digits, '.', '_', ':' or '-' (starting with a letter or digit)"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}$")
+_NAME_FIX = "use 1 to 64 letters, digits, '.', '_', ':' or '-' (not starting with '.', ':' or '-')"
 
 
 # --- the data ---------------------------------------------------------------------------
