@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also those whose creator still runs (only when no asirt run is active)")
 
     pf = sub.add_parser("profile", help="exit profiles (TOML): list, show, import from perf")
-    pfs = pf.add_subparsers(dest="profile_command", required=True, parser_class=_ArgParser)
+    pfs = pf.add_subparsers(dest="profile_command", metavar="list|show|import", required=True,
+                            parser_class=_ArgParser)
     pfs.add_parser("list", help="the built-in profiles")
     pf_show = pfs.add_parser("show", help="a profile's exit reasons")
     pf_show.add_argument("profile", metavar="NAME|FILE",

@@ -123,8 +123,8 @@ ALIASES: dict[str, str] = {
 }
 
 FALLBACK = _fp(1.0, 1.0, 0.5, 0.0, "io",
-               "no entry for this reason: assume it touches the VM's state and, half the "
-               "time, host-sensitive data (the conservative middle)")
+               "assume the handler touches the VM's state and, half the time, host-sensitive "
+               "data (the conservative middle)")
 
 _SEPARATORS = re.compile(r"[\s\-]+")
 
