@@ -123,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
     c.add_argument("--all", action="store_true",
                    help="also those whose creator still runs (only when no asirt run is active)")
+
+    pf = sub.add_parser("profile", help="exit profiles (TOML): list, show, import from perf")
+    pfs = pf.add_subparsers(dest="profile_command", metavar="list|show|import", required=True,
+                            parser_class=_ArgParser)
+    pfs.add_parser("list", help="the built-in profiles")
+    pf_show = pfs.add_parser("show", help="a profile's exit reasons")
+    pf_show.add_argument("profile", metavar="NAME|FILE",
+                         help="a built-in profile's name or a profile TOML file")
+    pf_show.add_argument("--json", action="store_true", help="print the profile as JSON")
+    pf_imp = pfs.add_parser("import", help="a profile from `perf kvm stat report` output")
+    pf_imp.add_argument("report", metavar="PERF_KVM_STAT_REPORT.txt")
+    pf_imp.add_argument("-o", dest="out", metavar="OUT.toml",
+                        help="write the profile to this new file (never overwritten) instead "
+                        "of stdout")
+    pf_imp.add_argument("--name", help="the profile's name (default: from the report's file "
+                        "name)")
+    pf_imp.add_argument("--exit-rate-hz", type=float, metavar="HZ",
+                        help="exits per second of guest time per vCPU (default: a stated "
+                        "10000, since a perf kvm stat table has no wall time)")
     return p
 
 
@@ -262,8 +281,39 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from asirt.kvm import profile as kvm_profile
+    if args.profile_command == "list":
+        print(kvm_profile.format_profiles(kvm_profile.load(name)
+                                          for name in kvm_profile.builtin_names()))
+    elif args.profile_command == "show":
+        prof = kvm_profile.load(args.profile)
+        print(json.dumps(kvm_profile.to_json(prof), indent=2) if args.json
+              else kvm_profile.format_profile(prof))
+    else:
+        try:
+            prof = kvm_profile.read_report(args.report, name=args.name,
+                                           exit_rate_hz=args.exit_rate_hz)
+        except BadInput as err:     # the Profile names its field; the user typed an option
+            flag = {"name": "--name", "exit_rate_hz": "--exit-rate-hz"}.get(err.what)
+            if flag is None:
+                raise
+            raise BadInput(flag, err.problem, err.fix) from None
+        if args.out:
+            kvm_profile.save_new(prof, args.out, f"-o {args.out}")
+            print(f"wrote {args.out}: profile {prof.name}, {len(prof.reasons)} exit reasons")
+        else:
+            sys.stdout.write(kvm_profile.to_toml(prof))
+        if args.exit_rate_hz is None:
+            print(f"asirt: note: exit_rate_hz is the stated default "
+                  f"{kvm_profile.DEFAULT_EXIT_RATE_HZ:g} Hz: a perf kvm stat table has no wall "
+                  "time; pass --exit-rate-hz HZ when you know the rate", file=sys.stderr)
+    return EXIT_OK
+
+
 COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "stress": cmd_stress,
             "report": cmd_report,
+            "profile": cmd_profile,
             "compare": cmd_compare, "cleanup": cmd_cleanup}
 
 
