@@ -8,11 +8,14 @@ import mmap
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from asirt import histogram
@@ -258,6 +261,8 @@ def test_a_window_must_be_page_aligned():
         unaligned = unaligned[8:]
     with loaded_guest() as (program, _), pytest.raises(BadInput, match="page-aligned buffer"):
         program.map_window(unaligned, 0, 4096)
+    with pytest.raises(BadInput, match="C-contiguous"):
+        buffer_address(np.zeros(8192, dtype=np.uint8)[::2])
 
 
 @requires_kvm
@@ -273,6 +278,33 @@ def test_window_of_a_shared_mmap_at_an_offset():
             assert out.data[:5] == b"token" and len(out.data) == SAMPLE_MAX
     finally:
         shared.close()     # possible: the Vm kept only the address, not an export
+
+
+@requires_kvm
+def test_the_window_is_read_only_to_the_guest_and_can_be_remapped():
+    first, second = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+    first[:4], second[:4] = b"one!", b"two!"
+    # mov $WINDOW_GPA >> 4, %ax; mov %ax, %ds; movb $0x42, 0x10; hlt
+    store = bytes([0xB8, 0x00, 0x10, 0x8E, 0xD8, 0xC6, 0x06, 0x10, 0x00, 0x42, 0xF4])
+    try:
+        with loaded_guest() as (program, vcpu):
+            program.map_window(first)
+            program.vm.ram[0x8000:0x8000 + len(store)] = store
+            with Vcpu(program.vm, 0x8000, index=1) as writer:
+                assert writer.run() == Exit(ExitKind.MMIO, 0x42, size=1,
+                                            address=guest.WINDOW_GPA + 0x10, is_write=True)
+            assert first[0x10] == 0                         # KVM_MEM_READONLY held
+            program.post(Request(seq=1, sample_len=4))
+            vcpu.run()
+            assert program.output().data == b"one!"
+            program.vm.unmap(guest.WINDOW_SLOT)
+            program.map_window(second)
+            program.post(Request(seq=2, sample_len=4))
+            vcpu.run()
+            assert program.output().data == b"two!"
+    finally:
+        first.close()
+        second.close()
 
 
 @requires_kvm
@@ -447,6 +479,42 @@ def test_exit_floor_measures_real_exits_and_buckets_like_python():
         summary = histogram.summarize(floor.measure(cpu, 0.2))
     assert summary.count > 100 and 0 < summary.p50 <= summary.p99
     assert not os.path.exists(directory)
+
+
+# Starts an exit floor measurement that would run for a minute and says its directory.
+FLOOR_PARENT = """
+import os, sys
+from asirt.kvm.exitfloor import ExitFloor
+floor = ExitFloor()
+print(floor.directory, flush=True)
+floor.measure(max(os.sched_getaffinity(0)), 60)
+"""
+
+
+@requires_kvm
+@requires_cc
+@pytest.mark.multiprocess
+def test_exit_floor_child_dies_with_its_parent():
+    parent = subprocess.Popen([sys.executable, "-c", FLOOR_PARENT], stdout=subprocess.PIPE,
+                              text=True)
+    directory = ""
+    try:
+        directory = parent.stdout.readline().strip()
+        deadline = time.monotonic() + 30
+        while not (floors := psutil.Process(parent.pid).children()):
+            assert time.monotonic() < deadline, "the floor program never started"
+            time.sleep(0.05)
+        parent.kill()                       # SIGKILL: no Python cleanup runs in the parent
+        parent.wait()
+        _, alive = psutil.wait_procs(floors, timeout=10)
+        assert not alive, "PR_SET_PDEATHSIG did not kill the floor program"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        if directory.startswith(tempfile.gettempdir()):
+            shutil.rmtree(directory, ignore_errors=True)    # a SIGKILLed owner cannot
 
 
 @requires_kvm

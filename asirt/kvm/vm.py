@@ -207,6 +207,8 @@ def buffer_address(buf: object) -> int:
     long as a VM maps it: KVM keeps only the address."""
     iface = getattr(buf, "__array_interface__", None)
     if iface is not None:
+        if iface.get("strides") is not None:
+            raise BadInput("numpy array", "is not C-contiguous", "map a contiguous array")
         return int(iface["data"][0])
     view = memoryview(buf)  # type: ignore[arg-type]
     try:
