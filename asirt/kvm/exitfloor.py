@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Self
 
 import numpy as np
 
@@ -220,7 +220,7 @@ class CProgram:
     def close(self) -> None:
         self._dir.cleanup()
 
-    def __enter__(self) -> "CProgram":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -236,7 +236,7 @@ def ram_image(exit_code: int = EXIT_CODE) -> bytes:
     return bytes(image)
 
 
-class ExitFloor:
+class ExitFloor(CProgram):
     """The compiled exit-floor program; a context manager. ``measure(cpu, s)`` -> counts."""
 
     #: exits run before sampling starts (the first ones fault the guest's pages in)
@@ -251,41 +251,23 @@ class ExitFloor:
                    "RAM_SIZE": guest.RAM_SIZE, "ENTRY": guest.CODE_GPA,
                    "STACK": guest.STACK_TOP, "IO_PORT": guest.IO_PORT_BASE + EXIT_CODE,
                    "IO_DATA": EXIT_CODE, "WARMUP": self.WARMUP}
-        self._program = CProgram("exitfloor", C_HELPERS + EXIT_LOOP, defines)
+        super().__init__("exitfloor", C_HELPERS + EXIT_LOOP, defines)
         try:
-            self._image = self._program.path("ram.bin")
+            self._image = self.path("ram.bin")
             with open(self._image, "wb") as f:
                 f.write(ram_image())
         except BaseException:
             self.close()
             raise
 
-    @property
-    def directory(self) -> str:
-        return self._program.directory
-
     def measure(self, cpu: int, duration_s: float) -> np.ndarray:
         """IO exit round trips on ``cpu`` for ``duration_s``: an asirt.histogram counts array."""
-        out = self._program.path(f"hist-{cpu}.bin")
-        self._program.run([cpu, int(duration_s * 1e9), self._image, os.getpid(), out],
-                          timeout=duration_s + 60)
+        out = self.path(f"hist-{cpu}.bin")
+        self.run([cpu, int(duration_s * 1e9), self._image, os.getpid(), out],
+                 timeout=duration_s + 60)
         counts = np.fromfile(out, dtype="<i8")
         os.unlink(out)
         if counts.shape != (histogram.NBUCKETS,):
             raise FeatureMissing("the exitfloor program", f"it wrote {counts.size} counts, "
                                  f"not {histogram.NBUCKETS}", "rebuild it")
         return counts
-
-    def bucket(self, values: Iterable[int]) -> list[int]:
-        return self._program.bucket(values)
-
-    def close(self) -> None:
-        program = getattr(self, "_program", None)
-        if program is not None:
-            program.close()
-
-    def __enter__(self) -> "ExitFloor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
