@@ -31,6 +31,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         from asirt.topology import read_topology
         if not read_topology().smt:
             pytest.skip("needs real SMT siblings; this host has none")
+    for _ in item.iter_markers("requires_kvm"):
+        from asirt.kvm.vm import probe
+        support = probe()
+        if not support.usable:
+            pytest.skip(f"needs KVM: {support.reason}")
 
 
 @pytest.fixture(autouse=True)
