@@ -18,7 +18,7 @@ import pytest
 
 from asirt import histogram
 from asirt.cfloor import compiler
-from asirt.kvm.exitfloor import ExitFloor
+from asirt.kvmfloor import ExitFloor
 from asirt.kvm.guest import measure_exit_roundtrip
 from tests.kvm_fixtures import kick_from_process, kick_from_thread, loaded_guest
 

@@ -22,7 +22,7 @@ from asirt import histogram
 from asirt.cfloor import compiler
 from asirt.errors import BadInput, FeatureMissing
 from asirt.kvm import api, guest, vm as kvmvm
-from asirt.kvm.exitfloor import CProgram, ExitFloor
+from asirt.kvmfloor import CProgram, ExitFloor
 from asirt.kvm.guest import (CODE, CODE_GPA, IO_PORT_BASE, MMIO_GPA, SAMPLE_MAX, WINDOW_MAX,
                              WORK_FOREVER, Request, measure_exit_roundtrip)
 from asirt.kvm.vm import (Exit, ExitKind, GuestFailed, Vcpu, Vm, buffer_address, kick,
@@ -484,7 +484,7 @@ def test_exit_floor_measures_real_exits_and_buckets_like_python():
 # Starts an exit floor measurement that would run for a minute and says its directory.
 FLOOR_PARENT = """
 import os, sys
-from asirt.kvm.exitfloor import ExitFloor
+from asirt.kvmfloor import ExitFloor
 floor = ExitFloor()
 print(floor.directory, flush=True)
 floor.measure(max(os.sched_getaffinity(0)), 60)
