@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 __all__ = ["CpuParams", "DelayParams", "PingpongParams", "StunBenchParams", "StressParams",
-           "CoreschedParams", "MonitorParams", "AsiBenchParams", "encode", "decode", "to_dict"]
+           "CoreschedParams", "MonitorParams", "AsiBenchParams", "KvmParams", "encode", "decode",
+           "to_dict"]
 
 T = TypeVar("T")
 
@@ -94,6 +95,23 @@ class CoreschedParams:
 class MonitorParams:
     cores: tuple[tuple[int, ...], ...]     # slots of each core's lanes
     interval_us: float = 0.0               # 0: yield after every sample
+
+
+@dataclass(frozen=True)
+class KvmParams:
+    """``asirt bench kvm``: one lane of the vCPU loop (asirt.kvm.loop) under one strategy."""
+    cpu: CpuParams = field(default_factory=CpuParams)
+    strategy: str = "none"
+    profile_toml: str = ""                 # the exit profile, as TOML (asirt.kvm.profile)
+    seed: int = 1
+    gadgets: float = 0.0                   # probability an exit's handler touches a secret
+    vms: int = 2                           # VMs 1..vms; every lane has one vCPU of each
+    tick_ms: float = 2.0                   # the scheduler's tick: vCPU switches, host tasks
+    host_share: float = 0.05               # share of ticks running a host task
+    stun_at: str = "hooks"                 # ASI strategies: stun in the hooks | at every exit
+    interrupts: str = "stay"               # ASI strategies: interrupts stay restricted | exit
+    draws: int = 1 << 15                   # profile draws made up front (then cycled)
+    guest: str = "emulated"                # the guest backend: emulated | kvm
 
 
 @dataclass(frozen=True)

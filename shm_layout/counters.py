@@ -18,6 +18,7 @@ COUNTERS = (
     "cpu.fenced",           # siblings fenced off (dead, or stopped and killed)
     "cpu.ipis",             # deliveries sent (signals, semaphore posts)
     "buffer.flushes",       # flushes of the core buffer, for any reason
+    "buffer.flush_ns",      # ... and the time they took (the L1D-sized eviction)
     "buffer.deposits",      # tokens deposited by loads (mode periods not included)
     # the checkers (evidence, independent of the protocols' bookkeeping)
     "check.checks",         # transition-time assertions run
@@ -42,6 +43,8 @@ COUNTERS = (
     "stun.aborts",          # requests given up (sibling unresponsive past give_up): released
     "stun.flushes",         # flushes on release (R6)
     "stun.exposed",         # naive: releases where a sibling had not parked when HOST was entered
+    "stun.parked_ns",       # time this CPU spent parked (STUNNED) for its siblings' requests
+    "stun.wait_ns",         # time this CPU's vCPU loop waited for its siblings' acks (R1-R2)
     # the VM-entry barrier (asirt.sync.barrier)
     "barrier.tries",        # barrier checks run
     "barrier.busy",         # ... failed: a sibling requested, or is in HOST
@@ -63,6 +66,23 @@ COUNTERS = (
     "asi.shootdowns_avoided",
     "asi.gadgets",          # speculative touches of a sensitive page
     "asi.gadget_hits",      # ... that reached memory (mapped in the current tree)
+    # the vCPU loop (asirt.kvm.loop): where a lane's time goes
+    "kvm.cycles",           # exit/entry cycles
+    "kvm.exits",            # VM exits drawn from the profile
+    "kvm.exits_restricted", # ... handled without leaving the restricted space (ASI strategies)
+    "kvm.kicked",           # guest slices a sibling's stun ended (a VM exit of its own)
+    "kvm.to_user",          # exits that returned to the user-space VMM
+    "kvm.halts",            # exits that halted the vCPU (HLT: the lane idles)
+    "kvm.switches",         # vCPU switches between VMs (through HOST)
+    "kvm.host_tasks",       # ticks that ran a host task (kernel work on sensitive memory)
+    "kvm.refused",          # VM entries the barrier refused for another VM on a sibling
+    "kvm.guest_ns",         # time in GUEST
+    "kvm.handler_ns",       # exit-handler work (the profile's handler times, HLT excluded)
+    "kvm.halt_ns",          # halted (HLT): idle in the kernel
+    "kvm.barrier_ns",       # waiting in the VM-entry barrier
+    "kvm.host_ns",          # host tasks
+    "kvm.idle_ns",          # idle: nothing to run (a lane SMT-off keeps idle)
+    "kvm.wall_ns",          # this lane's time in the loop, all of it
 )
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTER) == len(COUNTERS), "a counter name appears twice"

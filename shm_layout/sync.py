@@ -43,7 +43,7 @@ CORE_SYNC_DTYPE = register("core_sync", np.dtype([
     ("cs_cookie", I8),      # core scheduling: the cookie the core runs (0 with cs_running 0)
     ("cs_running", I8),     # lanes running a task of cs_cookie
     ("cs_seq", I8),         # bumped on every change of the two above
-    ("cs_want", I8),        # a cookie forced idle for longer than its patience: runs next
+    ("cs_want", I8),        # a cookie forced idle past its patience runs next (as cookie + 1)
     ("cs_switches", I8),    # core cookie changes
     ("cs_want_lane", I8),   # the lane that set cs_want (its liveness is checked by waiters)
     ("cookie", I8, (MAX_SIBLINGS,)),   # the cookie each lane's task runs with (lane-written)

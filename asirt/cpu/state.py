@@ -49,6 +49,7 @@ _KERNEL, _GUEST, _OTHER = int(Taint.KERNEL), int(Taint.GUEST), int(Taint.OTHER)
 C_TRANSITIONS = COUNTER["cpu.transitions"]
 C_GUEST_ENTRIES, C_HOST_ENTRIES = COUNTER["cpu.guest_entries"], COUNTER["cpu.host_entries"]
 C_FLUSHES, C_DEPOSITS = COUNTER["buffer.flushes"], COUNTER["buffer.deposits"]
+C_FLUSH_NS = COUNTER["buffer.flush_ns"]
 
 
 class State:
@@ -195,9 +196,12 @@ class State:
         """Flush the core buffer (real L1D-sized eviction work) and clear this CPU's taints.
         ``reason``: the counter word of the mechanism that asked (``stun.flushes``, ...)."""
         w = self.w
+        t0 = now()
         self.buffer.flush(self.cpu.fenced_any())
         if self.taint:
             self.taint = 0
             w[self.i_taint] = 0
-        w[self.cnt + C_FLUSHES] += 1
+        c = self.cnt
+        w[c + C_FLUSH_NS] += now() - t0
+        w[c + C_FLUSHES] += 1
         w[reason] += 1

@@ -11,19 +11,39 @@ import them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from asirt.cpu.transport import TRANSPORTS
 from asirt.errors import BadInput
+from asirt.kvm import strategy as strategies
+from asirt.params import CpuParams, KvmParams
 from asirt.progress import ProgressLine
 from asirt.results import Entry
 from asirt.topology import Topology
 
-__all__ = ["Scenario", "Options", "SCENARIOS", "DEFAULT_SCENARIO", "parse_choices",
-           "check_duration"]
+__all__ = ["Scenario", "Options", "KvmOptions", "SCENARIOS", "DEFAULT_SCENARIO",
+           "parse_choices", "check_duration"]
 
-DEFAULT_SCENARIO = "pingpong"
+DEFAULT_SCENARIO = "kvm"
+
+
+@dataclass(frozen=True)
+class KvmOptions:
+    """The knobs of the comparison (the CLI's ``bench kvm`` options)."""
+    strategies: tuple[str, ...] = strategies.NAMES
+    profile: str = "default"
+    gadgets: float = KvmParams.gadgets
+    vms: int = KvmParams.vms
+    repeat: int = 1
+    seed: int = KvmParams.seed
+    tick_ms: float = KvmParams.tick_ms
+    host_share: float = KvmParams.host_share
+    stun_at: str = KvmParams.stun_at
+    interrupts: str = KvmParams.interrupts
+    transport: str = CpuParams.transport
+    sweep: tuple[str, tuple[float, ...]] | None = None
+
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,7 @@ class Options:
     duration_s: float = 2.0
     floor: bool = True                          # also measure the reference (C floor, pingpong)
     protocols: tuple[str, ...] = ("strict", "naive")   # stun handshake variants
+    kvm: KvmOptions = field(default_factory=KvmOptions)
 
 
 class Scenario(NamedTuple):
@@ -59,8 +80,10 @@ def check_duration(duration: float) -> float:
 
 
 def _registry() -> dict[str, Scenario]:
-    from asirt.scenarios import asi, pingpong, stun
+    from asirt.scenarios import asi, kvm, pingpong, stun
     return {
+        "kvm": Scenario("the KVM vCPU workload under each mitigation strategy, side by side",
+                        kvm.count, kvm.run),
         "pingpong": Scenario("raw round trip of each IPI-like transport per CPU pair",
                              pingpong.count, pingpong.run),
         "stun": Scenario("strict and naive sibling stun round trips, unstun and VM-entry barrier",

@@ -172,29 +172,32 @@ class CoreSched:
         if self.cookie is None or self.yield_now:
             return False
         want = self.cpu.w[self.i_want]
-        if want != 0 and want != self.cookie:
+        if want != 0 and want != self.cookie + 1:
             self.yield_now = True
             return True
         return False
 
     def run_task(self, cookie: int, max_wait_ns: int | None = None) -> bool:
         """Start running a task of ``cookie`` here; forced idle (measured) while a sibling runs
-        another cookie. False when the run stops or ``max_wait_ns`` passes first."""
+        another cookie. False when the run stops or ``max_wait_ns`` passes first (0: one try,
+        no wait). A claim on the core (``cs_want``) is stored as cookie + 1, so that the host
+        cookie 0 can claim it too (0 there means: no claim)."""
         cpu, w = self.cpu, self.cpu.w
         t0 = now()
         deadline = None if max_wait_ns is None else t0 + max_wait_ns
+        mine = cookie + 1
         forced = False
         while True:
             if self.lock.acquire(deadline) != Outcome.DONE:
                 return False
             running = w[self.i_running] & ~self.bit
             core_cookie, want = w[self.i_cookie], w[self.i_want]
-            if (running == 0 or core_cookie == cookie) and (want == 0 or want == cookie):
+            if (running == 0 or core_cookie == cookie) and (want == 0 or want == mine):
                 if core_cookie != cookie:
                     w[self.i_switches] += 1
                 w[self.i_cookie] = cookie
                 w[self.i_running] = running | self.bit
-                if want == cookie:
+                if want == mine:
                     w[self.i_want] = 0
                 w[self.i_seq] += 1
                 self.lock.release()
@@ -208,8 +211,13 @@ class CoreSched:
                     if self.rec_forced is not None:
                         self.rec_forced(t)
                 return True
-            if now() - t0 > self.patience_ns and want == 0:
-                w[self.i_want] = cookie           # claim the core next
+            t = now()
+            if deadline is not None and t >= deadline:
+                self.lock.release()
+                self._drop_claim(mine)
+                return False
+            if t - t0 > self.patience_ns and want == 0:
+                w[self.i_want] = mine             # claim the core next
                 w[self.i_want_lane] = cpu.lane
                 w[self.i_seq] += 1
             seq = w[self.i_seq]
@@ -217,12 +225,17 @@ class CoreSched:
             self.lock.release()
             forced = True
             if not self._wait_change(seq, running, deadline, claim_at):
-                if w[self.i_want] == cookie and self.lock.acquire() == Outcome.DONE:
-                    if w[self.i_want] == cookie:
-                        w[self.i_want] = 0
-                        w[self.i_seq] += 1
-                    self.lock.release()
+                self._drop_claim(mine)
                 return False
+
+    def _drop_claim(self, mine: int) -> None:
+        """Giving up: a claim of ours on the core goes with us."""
+        w = self.cpu.w
+        if w[self.i_want] == mine and self.lock.acquire() == Outcome.DONE:
+            if w[self.i_want] == mine:
+                w[self.i_want] = 0
+                w[self.i_seq] += 1
+            self.lock.release()
 
     def _wait_change(self, seq: int, running: int, deadline: int | None,
                      claim_at: int | None) -> bool:
@@ -238,7 +251,7 @@ class CoreSched:
             while w[self.i_seq] == seq:
                 cpu.safepoint()
                 n += 1
-                if n < limit:
+                if n < limit and (deadline is None or n & 63 or now() < deadline):
                     continue
                 if claim_at is not None and now() > claim_at:
                     return True

@@ -25,15 +25,17 @@ GUEST_CHECK_EVERY = 256
 
 def _checkpoint(stun: Stun, until: Callable[[], bool], yield_too: bool) -> Callable[[], bool | None]:
     """What the guest loop does every ``check_every`` polls: answer the CPU's other mechanisms
-    (True: one of them changed this CPU's state), ask ``until()`` (False: stop), maybe yield
-    (None: go on)."""
+    and ask ``until()`` -- False: the slice ends (still in GUEST: the caller exits it), when
+    ``until()`` says so or another mechanism wants the guest stopped (core scheduling's yield:
+    only the stun parks a CPU, so only the stun's answer returns True) -- maybe yield (None:
+    go on)."""
     sp, index = stun.cpu.safepoint, stun.index
     answer_others = len(sp) > 1
     sched_yield = os.sched_yield
 
     def checkpoint() -> bool | None:
         if answer_others and sp.others(index):
-            return True
+            return False
         if until():
             return False
         if yield_too:

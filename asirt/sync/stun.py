@@ -72,7 +72,7 @@ ALL_PROTOCOLS = PROTOCOLS + BROKEN_PROTOCOLS
 SAFE_PROTOCOLS = tuple(p for p in ALL_PROTOCOLS if PROTOCOL[p].claims_safety)
 
 _C = {k: COUNTER[f"stun.{k}"] for k in ("requests", "acks", "parks", "aborts", "flushes",
-                                        "exposed")}
+                                        "exposed", "parked_ns")}
 
 
 class Stun:
@@ -186,6 +186,7 @@ class Stun:
                 self.rec_resume(t - rel)
         dom = cpu.state.dom
         cpu.state.set(ASI if dom else IDLE, dom)
+        w[self.c["parked_ns"]] += now() - t_park
 
     def _wait_released(self) -> bool:
         """P1: out of GUEST until every live sibling's generation is even, acking new
@@ -304,8 +305,9 @@ class Stun:
         state.set(ASI if state.dom else IDLE, state.dom)
 
     def flush(self) -> None:
-        """R6: flush the core buffer (for any reason, the one flush: asirt.cpu.state)."""
-        if self.proto.flushes:
+        """R6: flush what this CPU's HOST period left in the core buffer (its taints say so;
+        nothing to flush when a flush since has cleared them). The one flush: asirt.cpu.state."""
+        if self.proto.flushes and self.cpu.state.taint:
             self.cpu.state.flush(self.c_flushes)
 
     def release(self) -> None:
