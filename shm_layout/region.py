@@ -25,6 +25,9 @@ from shm_layout.sections import ALIGN, Section, dtype_crc, section_dtype
 PREFIX = "/asirt-"
 DEV_SHM = "/dev/shm"
 _LEFTOVER_RE = re.compile(r"^(sem\.)?asirt-(\d+)-[0-9a-f]+")
+# A name posix_ipc can take: one leading slash and no other, printable ASCII (it crashes on a
+# NUL), short enough for glibc's "sem." and a tag within NAME_MAX.
+_IPC_NAME_RE = re.compile(r"/[\x21-\x2e\x30-\x7e]{1,200}", re.ASCII)
 
 
 class PlannedSection(NamedTuple):
@@ -121,28 +124,21 @@ class Region:
     @classmethod
     def attach(cls, name: str) -> "Region":
         """Map an existing region, refusing anything that is not a live region of this build."""
+        if not isinstance(name, str) or not _IPC_NAME_RE.fullmatch(name):
+            raise LayoutMismatch(str(name)[:80], "name", "/ then up to 200 printable ASCII "
+                                 "characters other than /", str(name)[:80])
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as err:
             raise SegmentMissing(name) from err
-        except ValueError as err:
-            raise AsirtError(f"invalid shared-memory name {name!r}: {err}") from err
+        except (posix_ipc.Error, OSError, ValueError) as err:
+            # a symbolic link (ELOOP), a directory (posix_ipc's ValueError), no permission
+            raise LayoutMismatch(name, "file", "a shared-memory segment it can open",
+                                 f"one it cannot ({err})") from err
         try:
-            st = os.fstat(shm.fd)
-            if st.st_uid != os.getuid():
-                raise LayoutMismatch(name, "owner uid", os.getuid(), st.st_uid)
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                raise LayoutMismatch(name, "mode", "0o600", oct(stat.S_IMODE(st.st_mode)))
-            if st.st_size < HEADER_DTYPE.itemsize:
-                raise LayoutMismatch(name, "size", f">= {HEADER_DTYPE.itemsize}", st.st_size)
-            mapping = mmap.mmap(shm.fd, st.st_size)
+            mapping, planned = _map_validated(name, shm.fd, writable=True)
         finally:
             shm.close_fd()
-        try:
-            planned = _validate(name, mapping, st.st_size)
-        except BaseException:
-            mapping.close()
-            raise
         return cls(name, mapping, planned, owner=False)
 
     # -- access -------------------------------------------------------------------------
@@ -257,6 +253,26 @@ def _unlink_quietly(fn, name: str) -> None:
         pass
 
 
+def _map_validated(name: str, fd: int, writable: bool) -> tuple[mmap.mmap, list[PlannedSection]]:
+    """Map the open segment ``fd`` after checking the file, then validate its header."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise LayoutMismatch(name, "file type", "a regular file", stat.filemode(st.st_mode))
+    if st.st_uid != os.getuid():
+        raise LayoutMismatch(name, "owner uid", os.getuid(), st.st_uid)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise LayoutMismatch(name, "mode", "0o600", oct(stat.S_IMODE(st.st_mode)))
+    if st.st_size < HEADER_DTYPE.itemsize:
+        raise LayoutMismatch(name, "size", f">= {HEADER_DTYPE.itemsize}", st.st_size)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    mapping = mmap.mmap(fd, st.st_size, prot=prot)
+    try:
+        return mapping, _validate(name, mapping, st.st_size)
+    except BaseException:
+        mapping.close()
+        raise
+
+
 def _validate(name: str, mapping: mmap.mmap, size: int) -> list[PlannedSection]:
     h = np.ndarray((), HEADER_DTYPE, buffer=mapping, offset=0).copy()
     if int(h["magic"]) != MAGIC:
@@ -276,12 +292,14 @@ def _validate(name: str, mapping: mmap.mmap, size: int) -> list[PlannedSection]:
     n = int(h["nsections"])
     if n > MAX_SECTIONS:
         raise LayoutMismatch(name, "section count", f"<= {MAX_SECTIONS}", n)
-    wanted = []
+    wanted: list[Section] = []
     for entry in h["sections"][:n]:
         sname = bytes(entry["name"]).decode(errors="replace")
         dtype = section_dtype(sname)
         if dtype is None:
             raise LayoutMismatch(name, "section name", "a known section", sname)
+        if any(w.name == sname for w in wanted):
+            raise LayoutMismatch(name, f"section {sname}", "once in the table", "twice")
         if int(entry["itemsize"]) != dtype.itemsize:
             raise LayoutMismatch(name, f"section {sname} item size", dtype.itemsize,
                                  int(entry["itemsize"]))
