@@ -13,7 +13,7 @@ from asirt import bench, results, stun_scenario
 from asirt.errors import AsirtError, BadInput
 from asirt.system import read_system
 from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
-from shm_layout import list_leftovers, reclaim
+from shm_layout.region import Leftover, Status, list_leftovers, reclaim
 
 EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
     c.add_argument("--all", action="store_true",
-                   help="also those whose creator still runs (only when no asirt run is active)")
+                   help="also what this version cannot judge: segments of other asirt versions "
+                   "and files under asirt names that are not regions; refused while a run of "
+                   "this version is active (make sure no older asirt runs either)")
     return p
 
 
@@ -241,18 +243,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cleanup_line(lo: Leftover) -> str:
+    if lo.removed:
+        return f"unlinked {lo.kind} {lo.ipc_name}: {lo.why}"
+    if lo.status is Status.UNJUDGED:
+        return (f"kept {lo.kind} {lo.ipc_name}: {lo.why}; 'asirt cleanup --all' removes it "
+                f"when no asirt run is active")
+    if lo.status is Status.STALE:
+        return f"could not remove {lo.kind} {lo.ipc_name}: {lo.why}"
+    verb = "kept" if lo.status is Status.ACTIVE else "skipped"
+    return f"{verb} {lo.path}: {lo.why}"
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    before = list_leftovers()
-    done = reclaim(include_alive=args.all)
-    for lo in done:
-        print(f"unlinked {lo.kind} {lo.ipc_name} (creator pid {lo.creator_pid}"
-              f"{'' if lo.alive else ', dead'})")
-    kept = [lo for lo in before if lo not in done]
-    for lo in kept:
-        print(f"kept {lo.kind} {lo.ipc_name}: its creator (pid {lo.creator_pid}) still runs")
-    if not before:
+    if args.all:
+        active = [lo for lo in list_leftovers() if lo.status is Status.ACTIVE
+                  and lo.kind == "segment"]
+        if active:
+            raise BadInput("cleanup --all", f"{len(active)} asirt run(s) are active ("
+                           + ", ".join(f"{lo.ipc_name}, pid {lo.creator_pid}" for lo in active)
+                           + "): --all would break them",
+                           "wait until they end, or run 'asirt cleanup' without --all: it "
+                           "removes only what finished runs left")
+    seen = reclaim(unjudged=args.all)
+    for lo in seen:
+        print(_cleanup_line(lo))
+    if not seen:
         print("nothing to clean up")
-    return EXIT_OK
+    failed = [lo for lo in seen if lo.status is Status.STALE and not lo.removed]
+    return EXIT_CHECK if failed else EXIT_OK
 
 
 COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "stress": cmd_stress,

@@ -10,7 +10,9 @@ import enum
 import numpy as np
 
 MAGIC = int.from_bytes(b"ASIRTSHM", "little")
-LAYOUT_VERSION = 1
+# 2: the creator holds a flock on the segment for its whole life (region.py); a version-1
+# segment takes none, so this build cannot tell whether its run is alive and leaves it be.
+LAYOUT_VERSION = 2
 MAX_SECTIONS = 32   # base 4 + asi 7 + stun 4 = 15 today: room for the kvm scenario
 SECTION_NAME_LEN = 16
 

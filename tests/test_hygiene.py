@@ -1,0 +1,254 @@
+"""/dev/shm hygiene against a hostile or confusing machine: what start-up reclaim and
+``asirt cleanup`` remove, what they leave alone and say why, and how they tell a live run
+from a dead one (the creator's lock, never the pid in the name).
+
+Hostile files are planted in a directory of the test's own (``reclaim`` and
+``list_leftovers`` take it as ``dev_shm``), never in the real /dev/shm: other asirt runs on
+this machine must not trip over them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import subprocess
+import sys
+
+import posix_ipc
+import pytest
+
+from asirt import cli
+from shm_layout import Region, Section
+from shm_layout.region import DEV_SHM, list_leftovers, reclaim
+
+ROOT = os.getuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root (chown, unshare)")
+OTHER_UID = os.getuid() + 4242
+
+
+def _name(pid: int | None = None) -> str:
+    return f"asirt-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
+
+
+def _dead_region(*tags: str) -> str:
+    """The name of a region (and semaphores ``tags``) whose creator has exited."""
+    code = ("import os, sys; from shm_layout import Region, Section; "
+            "r = Region.create([Section('slots', 1)]); "
+            "[r.semaphore(t) for t in sys.argv[1:]]; print(r.name, flush=True); os._exit(0)")
+    return subprocess.run([sys.executable, "-c", code, *tags], capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split()[0]
+
+
+def _unlink_all(name: str, *tags: str) -> None:
+    for tag in tags:
+        try:
+            posix_ipc.unlink_semaphore(f"{name}-{tag}")
+        except posix_ipc.ExistentialError:
+            pass
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def _shm(name: str) -> str:
+    return os.path.join(DEV_SHM, name.lstrip("/"))
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A fake /dev/shm holding what a careless or hostile user can leave in the real one."""
+    d = tmp_path / "shm"
+    d.mkdir()
+    (d / _name(123)).mkdir()                                    # asirt bench --out /dev/shm/...
+    os.symlink("/proc/self/stat", d / _name(124))               # owned by whoever reads it
+    os.mkfifo(d / _name(125))                                   # would block a plain open
+    (d / "asirt-999994-cafe.txt").write_text("not ours\n")      # the pattern's end anchor
+    (d / f"sem.{_name(126)}-start").mkdir()
+    if ROOT:
+        theirs = d / _name(127)
+        theirs.write_bytes(b"\0" * 4096)
+        os.chown(theirs, OTHER_UID, -1)
+        link = d / _name(128)
+        os.symlink("/nonexistent", link)
+        os.lchown(link, OTHER_UID, -1)
+    return d
+
+
+def test_reclaim_leaves_what_asirt_does_not_make_and_says_why(planted):
+    before = sorted(os.listdir(planted))
+    seen = reclaim(str(planted))             # used to raise on the directory (start-up reclaim)
+    assert sorted(os.listdir(planted)) == before, "reclaim removed something not its own"
+    by_name = {os.path.basename(lo.path): lo for lo in seen}
+    assert "asirt-999994-cafe.txt" not in by_name
+    assert all(lo.alive and lo.why for lo in seen), seen
+    assert len(by_name) == len(before) - 1
+
+
+def test_cleanup_prints_every_skipped_entry_and_why(planted, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "reclaim", functools.partial(reclaim, str(planted)))
+    monkeypatch.setattr(cli, "list_leftovers", functools.partial(list_leftovers, str(planted)))
+    assert cli.main(["cleanup"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(os.listdir(planted)) - 1, out       # all but cafe.txt
+    assert any("a directory" in line for line in out)
+    assert any("a symbolic link" in line for line in out)
+    assert any("a FIFO" in line for line in out)
+    if ROOT:
+        assert any(f"owned by uid {OTHER_UID}" in line for line in out)
+
+
+def test_a_dead_creator_is_found_by_its_lock_even_when_its_pid_is_reused():
+    """Its pid now names another live process (here: renamed to pid 1, always alive)."""
+    name = _dead_region("start")
+    reused = f"/asirt-1-{name.rsplit('-', 1)[1]}"
+    os.rename(_shm(name), _shm(reused))
+    os.rename(_shm(f"sem.{name[1:]}-start"), _shm(f"sem.{reused[1:]}-start"))
+    try:
+        reclaim()
+        assert not os.path.exists(_shm(reused))
+        assert not os.path.exists(_shm(f"sem.{reused[1:]}-start"))
+    finally:
+        _unlink_all(reused, "start")
+
+
+def test_a_live_creator_keeps_its_region_and_an_attacher_does_not():
+    """The lock is the creator's alone: a worker that attached keeps nothing alive."""
+    code = ("import sys; from shm_layout import Region, Section; "
+            "r = Region.create([Section('slots', 1)]); r.semaphore('start'); "
+            "print(r.name, flush=True); sys.stdin.read()")
+    creator = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    name = creator.stdout.readline().strip()
+    try:
+        worker = Region.attach(name)
+        try:
+            reclaim()
+            assert os.path.exists(_shm(name)), "reclaim took a live run's segment"
+            assert os.path.exists(_shm(f"sem.{name[1:]}-start"))
+            creator.stdin.close()
+            creator.wait(timeout=60)
+            reclaim()
+            assert not os.path.exists(_shm(name)), "the attacher's mapping kept it 'alive'"
+            assert not os.path.exists(_shm(f"sem.{name[1:]}-start"))
+        finally:
+            worker.close()
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+        creator.wait()
+        creator.stdout.close()
+        _unlink_all(name, "start")
+
+
+@needs_root
+def test_a_run_in_another_pid_namespace_is_seen_alive_and_its_leftovers_reclaimed():
+    """A reclaimer in another PID namespace sharing /dev/shm sees neither this pid nor we its
+    pids: only the lock can tell."""
+    live = Region.create([Section("slots", 1)])
+    live.semaphore("start")
+    code = ("import os; from shm_layout import Region, Section; from shm_layout.region import "
+            "reclaim; reclaim(); r = Region.create([Section('slots', 1)]); r.semaphore('start');"
+            " print(r.name, flush=True); os._exit(0)")
+    try:
+        res = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=60)
+        if res.returncode != 0 and "unshare" in res.stderr:
+            pytest.skip(f"no PID namespaces here: {res.stderr.strip()}")
+        assert res.returncode == 0, res.stderr
+        inner = res.stdout.split()[0]
+        assert os.path.exists(_shm(live.name)), "a reclaimer in another namespace took it"
+        assert os.path.exists(_shm(f"sem.{live.name[1:]}-start"))
+        reclaim()
+        assert not os.path.exists(_shm(inner))
+        assert not os.path.exists(_shm(f"sem.{inner[1:]}-start"))
+    finally:
+        live.close()
+        live.unlink()
+        if "inner" in locals():
+            _unlink_all(inner, "start")
+
+
+def test_cleanup_all_refuses_while_a_run_is_active(capsys):
+    live = Region.create([Section("slots", 1)])
+    try:
+        rc = cli.main(["cleanup", "--all"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert live.name in err and "active" in err
+        assert os.path.exists(_shm(live.name))
+        assert Region.attach(live.name).close() is None
+    finally:
+        live.close()
+        live.unlink()
+
+
+def _image(version: int | None = None, magic: int | None = None) -> bytes:
+    r = Region.create([Section("slots", 1)])
+    try:
+        if version is not None:
+            r.header["version"] = version
+        if magic is not None:
+            r.header["magic"] = magic
+        return bytes(memoryview(r._mmap))
+    finally:
+        r.close()
+        r.unlink()
+
+
+@pytest.mark.parametrize("kind", ["old version", "not a region"])
+def test_what_cannot_be_judged_is_kept_unless_all(kind, tmp_path):
+    """A version-1 asirt takes no lock: its segment may be in use; only --all removes it."""
+    data = _image(version=1) if kind == "old version" else _image(magic=0x1234)
+    seg = tmp_path / _name()
+    seg.write_bytes(data)
+    sem = tmp_path / f"sem.{seg.name}-start"
+    sem.write_bytes(b"\0" * 32)
+    kept = {os.path.basename(lo.path): lo for lo in reclaim(str(tmp_path))}
+    assert seg.exists() and sem.exists()
+    assert kept[seg.name].alive and kept[sem.name].alive
+    assert ("another asirt version" if kind == "old version" else "magic") in kept[seg.name].why
+    reclaim(str(tmp_path), unjudged=True)
+    assert not seg.exists() and not sem.exists()
+
+
+def test_a_region_reclaimed_while_being_made_is_made_again(monkeypatch):
+    """A reclaimer that opens a new segment before its creator locked it sees no header and
+    no lock, takes it for stale and unlinks it: the creator notices and takes another name."""
+    import fcntl
+
+    from shm_layout import region as region_mod
+    real_flock = fcntl.flock
+    raced: list[str] = []
+
+    def flock_after_a_reclaim(fd: int, op: int) -> None:
+        if op == fcntl.LOCK_SH and not raced:
+            raced.extend(lo.ipc_name for lo in reclaim() if lo.removed)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(region_mod.fcntl, "flock", flock_after_a_reclaim)
+    r = Region.create([Section("slots", 1)])
+    try:
+        assert raced, "the reclaimer did not find the new segment"
+        assert r.name not in raced and os.path.exists(_shm(r.name))
+        assert Region.attach(r.name).close() is None
+    finally:
+        r.close()
+        r.unlink()
+
+
+def test_leftovers_of_a_dead_creator_are_counted_by_the_leak_checker():
+    """tests/leakcheck.py relies on ``alive`` and ``creator_pid``: a dead child's are stale."""
+    name = _dead_region("start")
+    try:
+        mine = [lo for lo in list_leftovers() if lo.ipc_name.startswith(name)]
+        assert len(mine) == 2 and not any(lo.alive for lo in mine)
+        assert {lo.creator_pid for lo in mine} == {int(name.split("-")[1])}
+    finally:
+        _unlink_all(name, "start")
+
+
+def test_semaphore_tags_are_what_reclaim_recognises(region):
+    with pytest.raises(ValueError, match="tag"):
+        region.semaphore("no-dashes")
+
