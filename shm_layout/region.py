@@ -264,13 +264,17 @@ def sem_wait(sem: posix_ipc.Semaphore, timeout_s: float | None) -> None:
 
 
 def _create_segment(prefix: str, size: int) -> tuple[str, posix_ipc.SharedMemory]:
-    """A new segment of ``size`` bytes with this process's lock on it."""
+    """A new segment of ``size`` bytes, its memory allocated, this process's lock on it."""
     for _ in range(_CREATE_TRIES):
         name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
         except posix_ipc.ExistentialError:
             continue                     # 32 random bits collided: another name
+        except OSError as err:           # read-only, not writable, ...: may exist half-made
+            with contextlib.suppress(posix_ipc.Error, OSError):
+                posix_ipc.unlink_shared_memory(name)
+            raise _shm_error(err, size) from err
         try:
             # Waits only while a reclaimer holds the lock: one that found the segment before
             # we locked it took it for stale and unlinked it (st_nlink 0): take another name.
@@ -278,13 +282,41 @@ def _create_segment(prefix: str, size: int) -> tuple[str, posix_ipc.SharedMemory
             if os.fstat(shm.fd).st_nlink == 0:
                 shm.close_fd()
                 continue
-        except BaseException:
+            # Real pages now: a full /dev/shm is refused here, not a SIGBUS at first touch.
+            os.posix_fallocate(shm.fd, 0, size)
+        except BaseException as err:
             shm.close_fd()
             _unlink_quietly(posix_ipc.unlink_shared_memory, name)
+            if isinstance(err, OSError):
+                raise _shm_error(err, size) from err
             raise
         return name, shm
     raise AsirtError(f"could not create a shared-memory segment in {_CREATE_TRIES} tries "
                      f"(names taken, or reclaimed as they were made); run again")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _shm_error(err: OSError, size: int) -> ShmUnavailable:
+    """Why /dev/shm cannot hold a region of ``size`` bytes, and what to do about it."""
+    if err.errno in (errno.ENOSPC, errno.ENOMEM):
+        try:
+            vfs = os.statvfs(DEV_SHM)
+            room = (f" (size {_mib(vfs.f_blocks * vfs.f_frsize)}, "
+                    f"{_mib(vfs.f_bavail * vfs.f_frsize)} free)")
+        except OSError:
+            room = ""
+        return ShmUnavailable(DEV_SHM, f"has no room for a {_mib(size)} region{room}",
+                              f"free it ('asirt cleanup'; see 'ls -la {DEV_SHM}') or, as root, "
+                              f"make it larger: mount -o remount,size=2G {DEV_SHM}")
+    if err.errno == errno.EROFS:
+        return ShmUnavailable(DEV_SHM, "is mounted read-only",
+                              f"as root, remount it writable: mount -o remount,rw {DEV_SHM}")
+    return ShmUnavailable(DEV_SHM, f"refused a new segment ({err.strerror or err})",
+                          f"it must be a tmpfs this user can create files in (mode drwxrwxrwt, "
+                          f"like /tmp)")
 
 
 def _unlink_quietly(fn, name: str) -> None:

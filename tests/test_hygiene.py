@@ -252,3 +252,54 @@ def test_semaphore_tags_are_what_reclaim_recognises(region):
     with pytest.raises(ValueError, match="tag"):
         region.semaphore("no-dashes")
 
+
+def _in_private_shm(mount_opts: str, command: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run ``command`` (sh) with a private tmpfs (``mount_opts``) on /dev/shm, in a mount
+    namespace of its own: the real /dev/shm and every other run never see it."""
+    script = (f"mount -t tmpfs -o {mount_opts} tmpfs /dev/shm || exit 99; {command}; rc=$?; "
+              "echo; echo LEFT:; ls -A /dev/shm; exit $rc")
+    res = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    if res.returncode == 99 or "unshare:" in res.stderr:
+        pytest.skip(f"cannot mount a private /dev/shm here: {res.stderr.strip()}")
+    return res
+
+
+BENCH = (f"{sys.executable} -m asirt bench pingpong --transport spin --duration 0.2 "
+         "--no-floor --quiet --out runs")
+
+
+@needs_root
+def test_a_full_dev_shm_is_refused_with_its_size_and_the_fix(tmp_path):
+    res = _in_private_shm("size=8k", BENCH, tmp_path)      # two pages: no region fits
+    assert res.returncode == 2, res                          # was 135: SIGBUS, no message
+    assert "/dev/shm has no room for a" in res.stderr and "free)" in res.stderr, res.stderr
+    assert "mount -o remount,size=" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stdout.split("LEFT:")[1].split() == [], "the segment was left behind"
+
+
+@needs_root
+def test_a_read_only_dev_shm_is_refused(tmp_path):
+    res = _in_private_shm("size=1m,ro", BENCH, tmp_path)
+    assert res.returncode == 2, res
+    assert "/dev/shm is mounted read-only" in res.stderr and "remount" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("err,needle", [(28, "has no room"), (30, "read-only"),
+                                        (13, "refused a new segment")])
+def test_create_refuses_what_dev_shm_cannot_hold_and_leaves_nothing(err, needle, monkeypatch):
+    """The same without root: posix_fallocate says ENOSPC (or EROFS, EACCES)."""
+    from shm_layout.errors import ShmUnavailable
+    from shm_layout import region as region_mod
+
+    def fail(fd: int, offset: int, size: int) -> None:
+        raise OSError(err, os.strerror(err))
+    before = {lo.path for lo in list_leftovers()}
+    monkeypatch.setattr(region_mod.os, "posix_fallocate", fail)
+    with pytest.raises(ShmUnavailable, match=needle) as info:
+        Region.create([Section("slots", 1)])
+    assert info.value.exit_code == 2 and "/dev/shm" in str(info.value)
+    assert {lo.path for lo in list_leftovers()} == before
