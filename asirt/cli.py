@@ -13,6 +13,7 @@ from asirt import bench, results, stun_scenario
 from asirt.errors import AsirtError, BadInput
 from asirt.system import read_system
 from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
+from asirt.cfloor import reclaim_dirs
 from shm_layout.region import Leftover, Status, list_leftovers, reclaim
 
 EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a")
     cmp_.add_argument("run_b")
 
-    c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
+    c = sub.add_parser("cleanup", help="remove the /asirt-* segments and semaphores and the "
+                       "C-floor temporary directories of dead runs")
     c.add_argument("--all", action="store_true",
                    help="also what this version cannot judge: segments of other asirt versions "
                    "and files under asirt names that are not regions; refused while a run of "
@@ -245,7 +247,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _cleanup_line(lo: Leftover) -> str:
     if lo.removed:
-        return f"unlinked {lo.kind} {lo.ipc_name}: {lo.why}"
+        return f"removed {lo.kind} {lo.ipc_name}: {lo.why}"
     if lo.status is Status.UNJUDGED:
         return (f"kept {lo.kind} {lo.ipc_name}: {lo.why}; 'asirt cleanup --all' removes it "
                 f"when no asirt run is active")
@@ -256,16 +258,17 @@ def _cleanup_line(lo: Leftover) -> str:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    floors = reclaim_dirs()      # a floor directory is never unjudged: --all changes nothing
     if args.all:
-        active = [lo for lo in list_leftovers() if lo.status is Status.ACTIVE
-                  and lo.kind == "segment"]
+        active = [lo for lo in [*list_leftovers(), *floors]
+                  if lo.status is Status.ACTIVE and lo.kind != "semaphore"]
         if active:
             raise BadInput("cleanup --all", f"{len(active)} asirt run(s) are active ("
                            + ", ".join(f"{lo.ipc_name}, pid {lo.creator_pid}" for lo in active)
                            + "): --all would break them",
                            "wait until they end, or run 'asirt cleanup' without --all: it "
                            "removes only what finished runs left")
-    seen = reclaim(unjudged=args.all)
+    seen = reclaim(unjudged=args.all) + floors
     for lo in seen:
         print(_cleanup_line(lo))
     if not seen:

@@ -316,7 +316,7 @@ def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(long_bench):
     res = asirt("cleanup")
     assert res.returncode == 0
     if left:
-        assert "unlinked segment" in res.stdout
+        assert "removed segment" in res.stdout
     run.assert_nothing_left()
 
 

@@ -8,16 +8,20 @@ this machine must not trip over them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
 import subprocess
 import sys
+import time
 
 import posix_ipc
+import psutil
 import pytest
 
 from asirt import cli
+from asirt.cfloor import compiler, reclaim_dirs
 from shm_layout import Region, Section
 from shm_layout.region import DEV_SHM, list_leftovers, reclaim
 
@@ -303,3 +307,60 @@ def test_create_refuses_what_dev_shm_cannot_hold_and_leaves_nothing(err, needle,
         Region.create([Section("slots", 1)])
     assert info.value.exit_code == 2 and "/dev/shm" in str(info.value)
     assert {lo.path for lo in list_leftovers()} == before
+
+
+needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler")
+
+
+def _wait_for_child(parent: subprocess.Popen, exe: str, timeout: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in psutil.Process(parent.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if c.exe() == exe:
+                    return c
+        time.sleep(0.02)
+    raise AssertionError(f"{exe} never started")
+
+
+@needs_cc
+@pytest.mark.multiprocess
+def test_the_floor_dies_with_its_parent_and_its_directory_is_reclaimed():
+    """kill -9 of the CLI while the C floor measures: it used to spin on both CPUs for the
+    rest of its duration, and its temporary directory stayed forever."""
+    a, b = sorted(os.sched_getaffinity(0))[0], sorted(os.sched_getaffinity(0))[-1]
+    code = ("import os; from asirt.cfloor import CFloor; f = CFloor(); "
+            f"print(f.exe, flush=True); f.measure({a}, {b}, 120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    floor = None
+    try:
+        exe = parent.stdout.readline().strip()
+        floor = _wait_for_child(parent, exe)
+        assert os.path.dirname(exe) in {lo.path for lo in reclaim_dirs() if not lo.removed}
+        parent.kill()
+        parent.wait()
+        assert not psutil.wait_procs([floor], timeout=10)[1], "the floor outlived its parent"
+        assert os.path.isdir(os.path.dirname(exe))
+        done = [lo for lo in reclaim_dirs() if lo.path == os.path.dirname(exe)]
+        assert done and done[0].removed, done
+        assert not os.path.exists(os.path.dirname(exe))
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        if floor is not None and floor.is_running():
+            floor.kill()
+
+
+def test_reclaim_dirs_leaves_what_a_floor_does_not_make(tmp_path):
+    (tmp_path / "asirt-floor-1-deadbeef").mkdir()                 # no lock file
+    os.symlink("/etc", tmp_path / "asirt-floor-2-deadbeef")
+    (tmp_path / "asirt-floor-3-deadbeef").write_text("a file")
+    (tmp_path / "asirt-floor-4-deadbeef").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "asirt-floor-4-deadbeef" / "lock")
+    (tmp_path / "asirt-floor-5-deadbeef.txt").mkdir()              # not the pattern
+    seen = reclaim_dirs(str(tmp_path))
+    assert len(seen) == 4 and not any(lo.removed for lo in seen), seen
+    assert all(lo.why for lo in seen)
+    assert len(os.listdir(tmp_path)) == 5 and os.path.exists("/etc/passwd")
