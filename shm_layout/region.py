@@ -44,6 +44,10 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_]+", re.ASCII)
 # NUL), short enough for glibc's "sem." and a tag within NAME_MAX.
 _IPC_NAME_RE = re.compile(r"/[\x21-\x2e\x30-\x7e]{1,200}", re.ASCII)
 _CREATE_TRIES = 3
+#: A segment without a header, or a semaphore without a segment, younger than this may be
+#: being made or removed by an asirt that takes no lock (layout 1): only an older one is
+#: surely abandoned. Making or removing them takes microseconds.
+_GRACE_S = 60.0
 
 
 class PlannedSection(NamedTuple):
@@ -482,9 +486,12 @@ def creator_lock(path: str) -> Iterator[int | None]:
 
 
 def _header_says(fd: int) -> tuple[Status, str]:
-    """What a segment nobody holds is, from its header."""
+    """What a segment nobody holds is, from its header (and its age, if it has none)."""
     data = os.pread(fd, HEADER_DTYPE.itemsize, 0)
     if not any(data):
+        if _young(os.fstat(fd)):
+            return Status.UNJUDGED, ("has no header yet: being made by an asirt that takes no "
+                                     "lock, or its creator has just died")
         return Status.STALE, "its creator died while making it (no header)"
     if len(data) < HEADER_DTYPE.itemsize:
         return Status.UNJUDGED, "too short for a region header: not a region asirt made"
@@ -499,6 +506,10 @@ def _header_says(fd: int) -> tuple[Status, str]:
 
 
 Remove = Callable[[Status], bool]
+
+
+def _young(st: os.stat_result) -> bool:
+    return time.time() - st.st_ctime < _GRACE_S
 
 
 def _unlink(lo: Leftover, examined: os.stat_result) -> Leftover:
@@ -549,7 +560,10 @@ def _semaphore(dev_shm: str, entry: str, segment: str, pid: int,
     except OSError as err:
         return lo._replace(why=f"cannot be examined ({err.strerror or err})")
     seg = _segment(dev_shm, segment, pid, lambda status: False)
-    if seg is None or seg.status is Status.STALE:
+    if seg is None and _young(st):
+        lo = lo._replace(status=Status.UNJUDGED, why=f"its segment /{segment} is gone, just now: "
+                         "it may be being removed by an asirt that takes no lock")
+    elif seg is None or seg.status is Status.STALE:
         lo = lo._replace(status=Status.STALE, why=f"its segment /{segment} is "
                          + ("gone" if seg is None else "stale"))
     else:
@@ -559,18 +573,20 @@ def _semaphore(dev_shm: str, entry: str, segment: str, pid: int,
 
 def _scan(dev_shm: str, remove: Remove) -> list[Leftover]:
     try:
-        entries = sorted(os.listdir(dev_shm))   # segments ("asirt-") before semaphores ("sem.")
+        entries = sorted(os.listdir(dev_shm))
     except FileNotFoundError:
         return []
     except OSError as err:
         raise ShmUnavailable(dev_shm, f"cannot be listed ({err.strerror or err})",
                              "it must be a directory this user can read") from err
+    # Semaphores first, as Region.unlink does: each is judged by its segment, still there.
     out: list[Leftover | None] = []
+    for entry in entries:
+        if m := SEMAPHORE_RE.fullmatch(entry):
+            out.append(_semaphore(dev_shm, entry, m.group(1), int(m.group(2)), remove))
     for entry in entries:
         if m := SEGMENT_RE.fullmatch(entry):
             out.append(_segment(dev_shm, entry, int(m.group(1)), remove))
-        elif m := SEMAPHORE_RE.fullmatch(entry):
-            out.append(_semaphore(dev_shm, entry, m.group(1), int(m.group(2)), remove))
     return [lo for lo in out if lo is not None]
 
 

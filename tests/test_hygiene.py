@@ -217,8 +217,8 @@ def test_what_cannot_be_judged_is_kept_unless_all(kind, tmp_path):
 
 
 def test_a_region_reclaimed_while_being_made_is_made_again(monkeypatch):
-    """A reclaimer that opens a new segment before its creator locked it sees no header and
-    no lock, takes it for stale and unlinks it: the creator notices and takes another name."""
+    """'cleanup --all' opening a new segment before its creator locked it finds no header and
+    no lock and unlinks it: the creator notices and takes another name."""
     import fcntl
 
     from shm_layout import region as region_mod
@@ -227,7 +227,7 @@ def test_a_region_reclaimed_while_being_made_is_made_again(monkeypatch):
 
     def flock_after_a_reclaim(fd: int, op: int) -> None:
         if op == fcntl.LOCK_SH and not raced:
-            raced.extend(lo.ipc_name for lo in reclaim() if lo.removed)
+            raced.extend(lo.ipc_name for lo in reclaim(unjudged=True) if lo.removed)
         real_flock(fd, op)
 
     monkeypatch.setattr(region_mod.fcntl, "flock", flock_after_a_reclaim)
@@ -239,6 +239,19 @@ def test_a_region_reclaimed_while_being_made_is_made_again(monkeypatch):
     finally:
         r.close()
         r.unlink()
+
+
+def test_a_headerless_segment_is_stale_only_when_old(tmp_path, monkeypatch):
+    """No header and no lock: a version-1 asirt making it, or a creator that died doing so.
+    Making one takes microseconds, so only an old one is surely abandoned."""
+    from shm_layout import region as region_mod
+    seg = tmp_path / _name()
+    seg.write_bytes(b"\0" * 4096)
+    (young,) = reclaim(str(tmp_path))
+    assert seg.exists() and young.alive and "no header yet" in young.why
+    monkeypatch.setattr(region_mod.time, "time", lambda: os.stat(seg).st_ctime + 61)
+    (old,) = reclaim(str(tmp_path))
+    assert old.removed and not seg.exists()
 
 
 def test_leftovers_of_a_dead_creator_are_counted_by_the_leak_checker():
