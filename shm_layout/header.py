@@ -10,9 +10,11 @@ import enum
 import numpy as np
 
 MAGIC = int.from_bytes(b"ASIRTSHM", "little")
-# 2: the creator holds a flock on the segment for its whole life (region.py); a version-1
-# segment takes none, so this build cannot tell whether its run is alive and leaves it be.
-LAYOUT_VERSION = 2
+# 3: the creator holds a flock on the segment for its whole life (region.py). A segment of
+# another version may take none, so this build cannot tell whether its run is alive and
+# leaves it be. (Not 2: another line of work already uses 2 for a different layout, and a
+# run of it must not be taken for a dead one of this layout.)
+LAYOUT_VERSION = 3
 MAX_SECTIONS = 32   # base 4 + asi 7 + stun 4 = 15 today: room for the kvm scenario
 SECTION_NAME_LEN = 16
 

@@ -45,8 +45,8 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_]+", re.ASCII)
 _IPC_NAME_RE = re.compile(r"/[\x21-\x2e\x30-\x7e]{1,200}", re.ASCII)
 _CREATE_TRIES = 3
 #: A segment without a header, or a semaphore without a segment, younger than this may be
-#: being made or removed by an asirt that takes no lock (layout 1): only an older one is
-#: surely abandoned. Making or removing them takes microseconds.
+#: being made or removed by an asirt of another layout, which takes no lock: only an older
+#: one is surely abandoned. Making or removing them takes microseconds.
 _GRACE_S = 60.0
 
 

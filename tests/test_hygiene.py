@@ -200,10 +200,12 @@ def _image(version: int | None = None, magic: int | None = None) -> bytes:
         r.unlink()
 
 
-@pytest.mark.parametrize("kind", ["old version", "not a region"])
+@pytest.mark.parametrize("kind", ["old version", "other version", "not a region"])
 def test_what_cannot_be_judged_is_kept_unless_all(kind, tmp_path):
-    """A version-1 asirt takes no lock: its segment may be in use; only --all removes it."""
-    data = _image(version=1) if kind == "old version" else _image(magic=0x1234)
+    """An asirt of another layout may take no lock: its segment may be in use; only --all
+    removes it."""
+    data = (_image(magic=0x1234) if kind == "not a region" else
+            _image(version=1 if kind == "old version" else 2))
     seg = tmp_path / _name()
     seg.write_bytes(data)
     sem = tmp_path / f"sem.{seg.name}-start"
@@ -211,7 +213,7 @@ def test_what_cannot_be_judged_is_kept_unless_all(kind, tmp_path):
     kept = {os.path.basename(lo.path): lo for lo in reclaim(str(tmp_path))}
     assert seg.exists() and sem.exists()
     assert kept[seg.name].alive and kept[sem.name].alive
-    assert ("another asirt version" if kind == "old version" else "magic") in kept[seg.name].why
+    assert ("magic" if kind == "not a region" else "another asirt version") in kept[seg.name].why
     reclaim(str(tmp_path), unjudged=True)
     assert not seg.exists() and not sem.exists()
 
@@ -242,7 +244,7 @@ def test_a_region_reclaimed_while_being_made_is_made_again(monkeypatch):
 
 
 def test_a_headerless_segment_is_stale_only_when_old(tmp_path, monkeypatch):
-    """No header and no lock: a version-1 asirt making it, or a creator that died doing so.
+    """No header and no lock: an asirt of another layout making it, or a dead creator.
     Making one takes microseconds, so only an old one is surely abandoned."""
     from shm_layout import region as region_mod
     seg = tmp_path / _name()
