@@ -5,8 +5,10 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import os
 import signal
 import sys
+import time
 from typing import Any, Iterable, Sequence
 
 from asirt import bench, results, stun_scenario
@@ -174,9 +176,55 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return _run(args, "stress", topo, config, runs)
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM while a command runs: the handler ``main`` installs.
+
+    While ``raising``, a signal raises KeyboardInterrupt (the orchestrator's cleanup path,
+    which stops and reaps the workers); it raises once, and every later signal is only
+    noted in ``caught``: the command is ending already. ``_run`` clears ``raising`` the
+    moment the entries are over, so nothing can tear the writing of their results.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.raising = True
+        self.caught: list[str] = []
+        try:
+            self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+        except ValueError:         # not the main thread: Python delivers no signal here
+            self.previous = {}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.caught.append(signal.Signals(signum).name)
+        if self.raising:
+            self.raising = False
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def pause_for_tests(phase: str) -> None:
+    """For tests only: with ASIRT_TEST_PAUSE=<phase>:<seconds> the CLI says so on stderr and
+    sleeps there, so that a test can send a signal at a known moment."""
+    want, _, seconds = os.environ.get("ASIRT_TEST_PAUSE", "").partition(":")
+    if want == phase:
+        print(f"asirt: test pause: {phase}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 1))
+
+
 def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
          runs: Iterable[results.Entry]) -> int:
-    """Run the entries, write the run directory (also after Ctrl-C), print, choose the status."""
+    """Run the entries, write the run directory, print, choose the status.
+
+    What was measured survives every signal. The first Ctrl-C or SIGTERM ends the entry
+    that runs; those that completed are written with ``"interrupted": true`` and the status
+    is 130. A signal once the last entry has completed interrupts nothing: it is noted, the
+    run is written with ``"interrupted": false`` and ends with its own status.
+    """
+    interrupts: _Interrupts = args.interrupts
     results.prepare_out_dir(args.out)   # refuse an unusable --out before anything runs
     system = read_system(topo.sysfs_root, topo.cpus)
     from asirt.clock import calibrate
@@ -192,9 +240,12 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     try:
         for entry in runs:
             entries.append(entry)
+        interrupts.raising = False      # all measured: from here a signal is only noted
     except KeyboardInterrupt:
+        interrupts.raising = False      # (a plain store: no signal handler runs before it)
         interrupted = True
         print("\ninterrupted: writing the entries that completed", file=sys.stderr)
+    pause_for_tests("write")
     result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
                                   entries, interrupted)
     run_dir = results.write_run(args.out, result, entries)
@@ -208,6 +259,12 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
         for line in (*system.warnings, *(w for e in entries for w in e.extra.get("warnings", ()))):
             print(f"WARNING: {line}")
         print(f"run directory: {run_dir}")
+    late = interrupts.caught[1:] if interrupted else interrupts.caught
+    if late:
+        print(f"asirt: {', '.join(dict.fromkeys(late))} came after "
+              + ("the interrupt: ignored while the results were kept" if interrupted else
+                 "the last entry had completed: nothing was interrupted, every entry was kept"),
+              file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
     problems = results.check_problems(entries)
@@ -282,24 +339,31 @@ COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "stress": cmd_stress,
             "compare": cmd_compare, "cleanup": cmd_cleanup}
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # the same cleanup path as Ctrl-C
+def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
+    """The command line; returns the exit status.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    ``restore_signals`` False is for the console entry point, whose process ends with this
+    call: the signal handling then stays, only noting, so that a signal that comes once the
+    status is chosen cannot change it (the default action of SIGTERM would make it 143).
+    """
+    interrupts = _Interrupts()
     try:
+        args = build_parser().parse_args(argv)
+        args.interrupts = interrupts
         return COMMANDS[args.command](args)
     except AsirtError as err:
+        interrupts.raising = False
         print(f"asirt: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        interrupts.raising = False
         print("asirt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupts.raising = False
+        if restore_signals:
+            interrupts.restore()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))
