@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
@@ -215,14 +217,41 @@ def pause_for_tests(phase: str) -> None:
         time.sleep(float(seconds or 1))
 
 
+def _measure(runs: Iterable[results.Entry],
+             interrupts: _Interrupts) -> tuple[list[results.Entry], bool, AsirtError | None]:
+    """Run the entries: those that completed, whether a signal interrupted them, and the
+    error that ended them early, if one did after the first entry (before it, it is raised:
+    nothing was measured). Signals only count from the moment this returns."""
+    entries: list[results.Entry] = []
+    try:
+        for entry in runs:
+            entries.append(entry)
+        interrupts.raising = False
+        return entries, False, None
+    except KeyboardInterrupt:
+        interrupts.raising = False      # (a plain store: no signal handler runs before it)
+        print("\ninterrupted: writing the entries that completed", file=sys.stderr)
+        return entries, True, None
+    except AsirtError as err:           # e.g. /dev/shm full at the third entry
+        interrupts.raising = False
+        if not entries:
+            raise
+        print(f"asirt: error: {err}\nasirt: writing the entries that completed",
+              file=sys.stderr)
+        return entries, False, err
+
+
 def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
          runs: Iterable[results.Entry]) -> int:
-    """Run the entries, write the run directory, print, choose the status.
+    """Run the entries, print their table, write the run directory, choose the status.
 
     What was measured survives every signal. The first Ctrl-C or SIGTERM ends the entry
-    that runs; those that completed are written with ``"interrupted": true`` and the status
-    is 130. A signal once the last entry has completed interrupts nothing: it is noted, the
-    run is written with ``"interrupted": false`` and ends with its own status.
+    that runs; those that completed are kept with ``"interrupted": true`` and the status is
+    130. A signal once the last entry has completed interrupts nothing: it is noted, the run
+    is kept with ``"interrupted": false`` and ends with its own status. An error after the
+    first entry keeps those before it (``"error"``) and exits with the error's status. The
+    table is printed before anything is written, and results that cannot be written where
+    --out says go elsewhere (_keep): then the status is at least 1.
     """
     interrupts: _Interrupts = args.interrupts
     results.prepare_out_dir(args.out)   # refuse an unusable --out before anything runs
@@ -235,36 +264,30 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     if not args.quiet:
         for line in topo.warnings:
             print(f"WARNING: {line}", file=sys.stderr)
-    entries: list[results.Entry] = []
-    interrupted = False
-    try:
-        for entry in runs:
-            entries.append(entry)
-        interrupts.raising = False      # all measured: from here a signal is only noted
-    except KeyboardInterrupt:
-        interrupts.raising = False      # (a plain store: no signal handler runs before it)
-        interrupted = True
-        print("\ninterrupted: writing the entries that completed", file=sys.stderr)
+    entries, interrupted, error = _measure(runs, interrupts)
     pause_for_tests("write")
     result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
-                                  entries, interrupted)
-    run_dir = results.write_run(args.out, result, entries)
-    from asirt import plot
-    if plot.available() and entries:
-        plot.plot_run(run_dir)
+                                  entries, interrupted, None if error is None else str(error))
+    # The table (or the JSON) first: it is on the screen whatever becomes of the files.
     if args.json:
-        print(json.dumps(result, indent=2))
+        _out(json.dumps(result, indent=2))
     else:
-        print(results.format_table(result["scenarios"]))
+        _out(results.format_table(result["scenarios"]))
         for line in (*system.warnings, *(w for e in entries for w in e.extra.get("warnings", ()))):
-            print(f"WARNING: {line}")
-        print(f"run directory: {run_dir}")
+            _out(f"WARNING: {line}")
+    run_dir, where_asked = _keep(args.out, result, entries)
+    if run_dir is not None:
+        _plot(run_dir, entries)
+        if not args.json:
+            _out(f"run directory: {run_dir}")
     late = interrupts.caught[1:] if interrupted else interrupts.caught
     if late:
         print(f"asirt: {', '.join(dict.fromkeys(late))} came after "
               + ("the interrupt: ignored while the results were kept" if interrupted else
                  "the last entry had completed: nothing was interrupted, every entry was kept"),
               file=sys.stderr)
+    if error is not None:
+        return error.exit_code
     if interrupted:
         return EXIT_INTERRUPTED
     problems = results.check_problems(entries)
@@ -275,30 +298,97 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
                 and not e.counters.get("violations")):
             print(f"asirt: note: the unsafe protocol {e.strategy!r} showed no violation in this "
                   "run; run longer or with delays to see the checkers catch it", file=sys.stderr)
-    return EXIT_CHECK if problems else EXIT_OK
+    return EXIT_CHECK if problems or not where_asked else EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``| head``): send the rest nowhere, as Unix tools do,
+    and so that the interpreter's last flush does not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _out(text: str) -> None:
+    """Print a line of the command's output; a closed pipe silences the rest of it."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def _keep(out_dir: str, result: dict[str, Any],
+          entries: list[results.Entry]) -> tuple[str | None, bool]:
+    """Write the run directory into ``out_dir``; failing that (a full disk, a directory made
+    read-only during the run) into a new private directory under the system's temporary
+    directory; failing that too, print result.json on stderr. Each failure and where the
+    results went instead are said on stderr. Returns the run directory (None: on stderr
+    only) and whether it is where --out asked (the status is 1 when not)."""
+    try:
+        return results.write_run(out_dir, result, entries), True
+    except OSError as err:
+        print(f"asirt: cannot write the run directory into --out {out_dir} ({_why(err)})",
+              file=sys.stderr)
+    fallback = None
+    try:
+        fallback = tempfile.mkdtemp(prefix="asirt-run-")
+        run_dir = results.write_run(fallback, result, entries)
+    except OSError as err:
+        if fallback is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(fallback)
+        print(f"asirt: nor into the temporary directory ({_why(err)}); result.json follows on "
+              "stderr: save it as RUN/result.json to read it with 'asirt report RUN'",
+              file=sys.stderr)
+        print(json.dumps(result, indent=2), file=sys.stderr)
+        return None, False
+    print(f"asirt: the run directory went to {run_dir} instead; move it where it belongs",
+          file=sys.stderr)
+    return run_dir, False
+
+
+def _plot(run_dir: str, entries: list[results.Entry]) -> None:
+    from asirt import plot
+    if not (plot.available() and entries):
+        return
+    try:
+        plot.plot_run(run_dir)
+    except (OSError, AsirtError) as err:
+        print(f"WARNING: no plots in {run_dir} ({_why(err)}); 'asirt report {run_dir} --plot' "
+              "makes them later", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     result = results.load_result(args.run_dir)
     if args.json:
-        print(json.dumps(result, indent=2))
+        _out(json.dumps(result, indent=2))
     else:
-        print(f"run {result['run_id']} started {result['started_at']} on "
-              f"{result['host']['hostname']} ({result['host']['cpu_model']})")
+        _out(f"run {result['run_id']} started {result['started_at']} on "
+             f"{result['host']['hostname']} ({result['host']['cpu_model']})")
         if result["topology"].get("emulated"):
-            print("topology: EMULATED sibling grouping")
-        print(results.format_table(result["scenarios"]))
+            _out("topology: EMULATED sibling grouping")
+        _out(results.format_table(result["scenarios"]))
     if args.plot:
         from asirt.plot import plot_run
         for path in plot_run(args.run_dir):   # stdout holds only the report (JSON with --json)
-            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+            if args.json:
+                print(f"wrote {path}", file=sys.stderr)
+            else:
+                _out(f"wrote {path}")
     return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     a, b = results.load_result(args.run_a), results.load_result(args.run_b)
-    print(f"A = {a['run_id']} ({a['host']['hostname']})\nB = {b['run_id']} ({b['host']['hostname']})")
-    print(results.format_comparison(a["scenarios"], b["scenarios"]))
+    _out(f"A = {a['run_id']} ({a['host']['hostname']})\n"
+         f"B = {b['run_id']} ({b['host']['hostname']})")
+    _out(results.format_comparison(a["scenarios"], b["scenarios"]))
     return EXIT_OK
 
 
@@ -327,9 +417,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
                            "removes only what finished runs left")
     seen = reclaim(unjudged=args.all) + floors
     for lo in seen:
-        print(_cleanup_line(lo))
+        _out(_cleanup_line(lo))
     if not seen:
-        print("nothing to clean up")
+        _out("nothing to clean up")
     failed = [lo for lo in seen if lo.status is Status.STALE and not lo.removed]
     return EXIT_CHECK if failed else EXIT_OK
 
@@ -359,6 +449,9 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
         interrupts.raising = False
         print("asirt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:            # the reader stopped reading (| head): not a failure
+        _silence_stdout()
+        return EXIT_OK
     finally:
         interrupts.raising = False
         if restore_signals:

@@ -6,20 +6,27 @@ test pause (ASIRT_TEST_PAUSE=<phase>:<seconds>, asirt.cli.pause_for_tests).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
-import psutil
+import numpy as np
 import pytest
 
+from asirt import bench, histogram, results
+from asirt.cli import main
+from asirt.errors import ShmUnavailable
+from asirt.results import Entry
 from shm_layout.region import list_leftovers
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.multiprocess]
+pytestmark = pytest.mark.timeout(180)
 
 CPUS = sorted(os.sched_getaffinity(0))
 PAIR = f"{CPUS[0]},{CPUS[-1]}"
@@ -108,6 +115,7 @@ def nothing_of(pid: int) -> None:
 
 
 # -- A: late interrupts ---------------------------------------------------------------------
+@pytest.mark.multiprocess
 @pytest.mark.requires_cpus(2)
 def test_a_double_ctrl_c_keeps_the_completed_entry(cli, tmp_path):
     """The second Ctrl-C, 35 ms after the first, used to tear the writing: nothing kept."""
@@ -126,6 +134,7 @@ def test_a_double_ctrl_c_keeps_the_completed_entry(cli, tmp_path):
     nothing_of(run.proc.pid)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM],
                                      [signal.SIGINT, signal.SIGINT, signal.SIGTERM]])
 def test_signals_after_the_last_entry_interrupt_nothing(cli, tmp_path, signals):
@@ -145,6 +154,7 @@ def test_signals_after_the_last_entry_interrupt_nothing(cli, tmp_path, signals):
     assert "run directory:" in out
 
 
+@pytest.mark.multiprocess
 def test_signals_while_an_interrupted_run_is_written_change_nothing(cli, tmp_path):
     run = cli(*bench_args(tmp_path, 30), env={"ASIRT_TEST_PAUSE": "write:2"})
     run.wait_for("[1/1]")
@@ -159,6 +169,7 @@ def test_signals_while_an_interrupted_run_is_written_change_nothing(cli, tmp_pat
     assert "ignored while the results were kept" in err
 
 
+@pytest.mark.multiprocess
 def test_sigterm_after_main_returned_keeps_its_status(cli, tmp_path):
     """SIGTERM used to exit 143 once main had restored its default action."""
     run = cli(*bench_args(tmp_path, 0.3), env={"ASIRT_TEST_PAUSE": "exit:2"})
@@ -187,6 +198,7 @@ def _wait_for_mapping(pid: int, library: str, timeout: float = 60) -> None:
     raise AssertionError(f"{library} never loaded")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("library", ["_multiarray_umath", "posix_ipc"])
 def test_a_ctrl_c_during_the_imports_exits_130_quietly(cli, tmp_path, library):
     """Ctrl-C while numpy (then posix_ipc) is being imported used to print a traceback."""
@@ -197,3 +209,198 @@ def test_a_ctrl_c_during_the_imports_exits_130_quietly(cli, tmp_path, library):
     assert "Traceback" not in err, err
     assert rc == 130, (rc, err)
     nothing_of(run.proc.pid)
+
+
+# -- D: output that cannot be written ------------------------------------------------------
+def fake_entry(i: int, p50_ns: int = 500) -> Entry:
+    counts = np.zeros(histogram.NBUCKETS, np.int64)
+    counts[histogram.bucket_index(p50_ns)] = 100
+    return Entry("pingpong", "-", f"fake{i}", [0, 1], 0.1, hists={"roundtrip": counts})
+
+
+@pytest.fixture
+def fake_bench(monkeypatch, tmp_path):
+    """'asirt bench fake': entries made in-process (no worker), to see what becomes of them;
+    the system temporary directory is the test's own."""
+    def install(*entries_then_error) -> None:
+        def run(topo, opts, progress):
+            for item in entries_then_error:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        monkeypatch.setitem(bench.SCENARIOS, "fake", bench.Scenario(
+            "fake entries", lambda topo, opts: len(entries_then_error), run))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return install
+
+
+def fail_writes_into(monkeypatch, *dirs: str) -> None:
+    real = results.write_run
+
+    def write_run(out_dir, result, entries):
+        if any(out_dir.startswith(d) for d in dirs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), out_dir)
+        return real(out_dir, result, entries)
+    monkeypatch.setattr(results, "write_run", write_run)
+
+
+def test_results_that_cannot_go_to_out_go_to_a_temporary_directory(
+        fake_bench, monkeypatch, tmp_path, capsys):
+    """A full disk after the run used to give a traceback, and every result was lost."""
+    fake_bench(fake_entry(0), fake_entry(1))
+    out = tmp_path / "out"
+    fail_writes_into(monkeypatch, str(out))
+    rc = main(["bench", "fake", "--no-floor", "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    assert "fake0" in cap.out and "fake1" in cap.out              # the table, first
+    assert f"cannot write the run directory into --out {out}" in cap.err
+    assert "No space left on device" in cap.err
+    (fallback,) = (tmp_path / "tmp").iterdir()
+    (run_dir,) = fallback.iterdir()
+    assert f"went to {run_dir} instead" in cap.err and f"run directory: {run_dir}" in cap.out
+    assert len(json.loads((run_dir / "result.json").read_text())["scenarios"]) == 2
+
+
+def test_results_that_cannot_be_written_anywhere_go_to_stderr(
+        fake_bench, monkeypatch, tmp_path, capsys):
+    fake_bench(fake_entry(0))
+    fail_writes_into(monkeypatch, str(tmp_path))
+    rc = main(["bench", "fake", "--no-floor", "--quiet", "--out", str(tmp_path / "out"),
+               "--json"])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    shown = json.loads(cap.out)
+    dumped = json.loads(cap.err[cap.err.index("\n{") + 1:])
+    assert shown == dumped and len(dumped["scenarios"]) == 1
+    assert os.listdir(tmp_path / "tmp") == []                      # no empty fallback left
+
+
+def test_an_error_after_an_entry_keeps_it(fake_bench, tmp_path, capsys):
+    fake_bench(fake_entry(0), ShmUnavailable("/dev/shm", "has no room", "make room"))
+    rc = main(["bench", "fake", "--no-floor", "--quiet", "--out", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "/dev/shm has no room" in cap.err
+    result = result_of(tmp_path / "out")
+    assert len(result["scenarios"]) == 1 and "has no room" in result["error"]
+
+
+ROOT = os.getuid() == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not ROOT, reason="needs root to mount a small tmpfs")
+@pytest.mark.parametrize("how", ["full", "read-only during the run"])
+def test_an_out_that_fails_for_real_keeps_the_results(tmp_path, how):
+    """--out on a 4 KiB tmpfs (no room for the files), or one remounted read-only while the
+    CLI is about to write (ASIRT_TEST_PAUSE=write), in a mount namespace of its own."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    cmd = f"{sys.executable} -m asirt {' '.join(bench_args(out, 0.2))} --quiet"
+    if how == "full":
+        script = f"mount -t tmpfs -o size=4k tmpfs {out} || exit 99; {cmd}"
+    else:
+        script = (f"mount -t tmpfs -o size=1m tmpfs {out} || exit 99; "
+                  f"ASIRT_TEST_PAUSE=write:3 {cmd} 2>{tmp_path}/err & pid=$!; "
+                  f"while ! grep -q 'test pause' {tmp_path}/err; do sleep 0.02; done; "
+                  f"mount -o remount,ro {out}; wait $pid; rc=$?; cat {tmp_path}/err >&2; "
+                  "exit $rc")
+    res = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                         text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": os.getcwd()})
+    if res.returncode == 99 or "unshare:" in res.stderr:
+        pytest.skip(f"cannot mount here: {res.stderr.strip()}")
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "cannot write the run directory into --out" in res.stderr
+    assert ("No space left on device" if how == "full" else "Read-only file system") in res.stderr
+    assert "roundtrip" in res.stdout
+    (fallback,) = tmp.iterdir()
+    (run_dir,) = fallback.iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["scenarios"]
+
+
+# -- D: report and compare on what is not a run ---------------------------------------------
+def write_fake_run(where, entries: list[Entry]) -> str:
+    result = results.build_result(f"run-{len(entries)}", "now", {"emulated": True},
+                                  {"warnings": []}, {}, entries)
+    return results.write_run(str(where), result, entries)
+
+
+def _spoil(run_dir: str, content: object) -> None:
+    path = Path(run_dir) / "result.json"
+    if content == "scenarios-count" or content == "scenarios-cpus":
+        result = json.loads(path.read_text())
+        if content == "scenarios-count":
+            result["scenarios"][0]["metrics"]["roundtrip"]["count"] = "many"
+        else:
+            result["scenarios"][0]["cpus"] = [True]
+        content = result
+    path.unlink()
+    if content == "a directory":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "schema_version null"),
+    ([], "schema_version []"),
+    ({"schema_version": 1}, "has no 'run_id'"),
+    ({"schema_version": 1, "run_id": "r", "started_at": "t", "host": None,
+      "topology": {}, "scenarios": []}, "result.host is NoneType"),
+    ("scenarios-count", 'result.scenarios[0].metrics.roundtrip.count is "many"'),
+    ("scenarios-cpus", "result.scenarios[0].cpus[0] is true"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "is not JSON"),
+    (b"\xff\xfe{}", "is not JSON"),
+    (b"[" * 100000, "is not JSON"),
+    ("a directory", "cannot be read"),
+])
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_and_compare_refuse_what_is_not_a_run(tmp_path, capsys, content, needle, command):
+    good = write_fake_run(tmp_path / "good", [fake_entry(0)])
+    bad = write_fake_run(tmp_path / "bad", [fake_entry(0)])
+    _spoil(bad, content)
+    rc = main(["report", bad] if command == "report" else ["compare", good, bad])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert needle in err and bad in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_result_json_given_for_its_directory_is_refused_naming_the_directory(
+        tmp_path, capsys, command):
+    run_dir = write_fake_run(tmp_path, [fake_entry(0)])
+    path = os.path.join(run_dir, "result.json")
+    rc = main(["report", path] if command == "report" else ["compare", path, run_dir])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"pass the directory that holds it: {run_dir}" in err, err
+
+
+def test_compare_with_a_p50_of_zero(tmp_path, capsys):
+    a = write_fake_run(tmp_path / "a", [fake_entry(0, p50_ns=0)])
+    b = write_fake_run(tmp_path / "b", [fake_entry(0, p50_ns=400)])
+    assert main(["compare", a, b]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "fake0" in line]
+    assert row and row[0].split()[7] == "-", row
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_reader_that_stops_reading_is_not_an_error(tmp_path, command):
+    """'asirt report RUN | head' used to end in a BrokenPipeError traceback."""
+    run_dir = write_fake_run(tmp_path, [fake_entry(i) for i in range(3000)])
+    args = [run_dir] if command == "report" else [run_dir, run_dir]
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", command, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()                    # what head does after its lines
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""
