@@ -7,6 +7,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -16,9 +17,10 @@ from typing import Any, Iterable, Sequence
 from asirt import bench, results, stun_scenario
 from asirt.errors import AsirtError, BadInput
 from asirt.system import read_system
-from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
+from asirt.topology import (format_cpu_list, format_topology, parse_cpu_arg, read_topology,
+                            select_topology)
 from asirt.cfloor import reclaim_dirs
-from shm_layout.region import Leftover, Status, list_leftovers, reclaim
+from shm_layout.region import Leftover, Status, active_runs, list_leftovers, reclaim
 
 EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -30,11 +32,23 @@ class _ArgParser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+#: --duration bounds, in seconds: below the minimum an entry may record no sample at all
+#: (starting the workers alone takes longer); above the maximum (a day per entry) it is
+#: surely a typo.
+MIN_DURATION_S, MAX_DURATION_S = 0.01, 86400.0
+# Plain decimal seconds: float() would also take "1_0", "inf", " ²" or fullwidth digits.
+_SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
+
+
 def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not _SECONDS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write it as "
+                                         "digits with an optional decimal point, e.g. 2 or 0.5")
+    value = float(text)
+    if not MIN_DURATION_S <= value <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is outside {MIN_DURATION_S:g}..{MAX_DURATION_S:g} s (a day); shorter "
+            "entries may record nothing, longer ones are surely a typo")
     try:
         return bench.check_duration(value)
     except BadInput as err:
@@ -139,7 +153,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 def _selected_topology(args: argparse.Namespace):
     topo = read_topology()
-    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
+    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus is not None else None
     return select_topology(topo, args.topology, cpus)
 
 
@@ -264,16 +278,20 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     if not args.quiet:
         for line in topo.warnings:
             print(f"WARNING: {line}", file=sys.stderr)
+    system_json = system.to_json()
+    for line in _shared_cpus(topo.cpus):    # the measurements are worth little: say so now
+        print(f"WARNING: {line}", file=sys.stderr)
+        system_json["warnings"].append(line)
     entries, interrupted, error = _measure(runs, interrupts)
     pause_for_tests("write")
-    result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
+    result = results.build_result(run_id, started_at, topo.to_json(), system_json, config,
                                   entries, interrupted, None if error is None else str(error))
     # The table (or the JSON) first: it is on the screen whatever becomes of the files.
     if args.json:
         _out(json.dumps(result, indent=2))
     else:
         _out(results.format_table(result["scenarios"]))
-        for line in (*system.warnings, *(w for e in entries for w in e.extra.get("warnings", ()))):
+        for line in (*system_json["warnings"], *_entry_warnings(entries)):
             _out(f"WARNING: {line}")
     run_dir, where_asked = _keep(args.out, result, entries)
     if run_dir is not None:
@@ -299,6 +317,23 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
             print(f"asirt: note: the unsafe protocol {e.strategy!r} showed no violation in this "
                   "run; run longer or with delays to see the checkers catch it", file=sys.stderr)
     return EXIT_CHECK if problems or not where_asked else EXIT_OK
+
+
+def _shared_cpus(cpus: Iterable[int]) -> list[str]:
+    """A warning for each other active asirt run of this user on any of ``cpus``."""
+    mine = set(cpus)
+    return [f"another asirt run (pid {run.creator_pid}, segment {run.segment}) is using CPUs "
+            f"{format_cpu_list(shared)} too: each disturbs the other's measurements; wait "
+            f"for it to end, or choose other CPUs with --cpus"
+            for run in active_runs() if (shared := sorted(mine & set(run.cpus)))]
+
+
+def _entry_warnings(entries: list[results.Entry]) -> list[str]:
+    """What each entry says about itself, and an entry that recorded nothing."""
+    return [*(w for e in entries for w in e.extra.get("warnings", ())),
+            *(f"{e.label} recorded no sample in {e.duration_s:.3g} s; run longer (--duration)"
+              for e in entries if e.hists and not e.failures
+              and not any(int(h.sum()) for h in e.hists.values()))]
 
 
 def _silence_stdout() -> None:

@@ -230,8 +230,9 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             if name in s.get("counters", {}):
                 rows.append([*where, name, str(s["counters"][name]), *[""] * 6])
         for f in s.get("faults", []):
-            seen = (f"detected in {f['detect_after_ms']} ms" if f.get("detected")
-                    else "NOT DETECTED")
+            seen = ("not injected" if f.get("injected") is False else
+                    f"detected in {f['detect_after_ms']} ms" if f.get("detected") else
+                    "NOT DETECTED")
             rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", seen, *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])

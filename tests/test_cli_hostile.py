@@ -404,3 +404,89 @@ def test_a_reader_that_stops_reading_is_not_an_error(tmp_path, command):
     proc.stderr.close()
     assert proc.wait(timeout=60) == 0, err
     assert err == ""
+
+
+# -- E: verdicts and inputs -----------------------------------------------------------------
+def test_a_fault_never_injected_is_not_called_undetected():
+    scenario = {"scenario": "stress", "strategy": "strict", "transport": "spin", "cpus": [0, 1],
+                "metrics": {}, "faults": [
+                    {"fault": "kill", "cpu": 1, "injected": False, "detected": False},
+                    {"fault": "stop", "cpu": 1, "injected": True, "detected": False},
+                    {"fault": "delay", "cpu": 1, "injected": True, "detected": True,
+                     "detect_after_ms": 3.5}]}
+    rows = {line.split("  ")[-1].strip(): line
+            for line in results.format_table([scenario]).splitlines()[2:]}
+    assert "fault kill cpu 1" in rows["not injected"]
+    assert "fault stop cpu 1" in rows["NOT DETECTED"]
+    assert "fault delay cpu 1" in rows["detected in 3.5 ms"]
+
+
+def _refused(argv: list[str], capsys) -> str:
+    t0 = time.monotonic()
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:          # argparse's own refusals
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert time.monotonic() - t0 < 20, "it ran before refusing"
+    return err
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("1_0", "is not a number of seconds"),       # float() reads 10
+    ("\uff12", "is not a number of seconds"),    # fullwidth 2: float() reads 2
+    ("inf", "is not a number of seconds"),
+    ("1e308", "outside 0.01..86400 s"),
+    ("86401", "outside 0.01..86400 s"),
+    ("1e-9", "outside 0.01..86400 s"),           # entries with no sample, no warning
+    ("0.001", "outside 0.01..86400 s"),
+])
+@pytest.mark.parametrize("command", ["bench", "stress"])
+def test_absurd_durations_are_refused(tmp_path, capsys, text, needle, command):
+    err = _refused([command, "--duration", text, "--out", str(tmp_path)], capsys)
+    assert "--duration" in err and needle in err, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["bench", "stress"])
+def test_an_empty_cpu_list_is_refused(tmp_path, capsys, command):
+    """--cpus "" used to mean every CPU."""
+    err = _refused([command, "--cpus", "", "--duration", "30", "--out", str(tmp_path)], capsys)
+    assert "--cpus" in err and "empty" in err, err
+
+
+def test_an_entry_with_no_sample_is_warned_about(fake_bench, tmp_path, capsys, monkeypatch):
+    from asirt import plot
+    monkeypatch.setattr(plot, "available", lambda: False)   # it warns of an empty legend
+    empty = fake_entry(0)
+    empty.hists["roundtrip"][:] = 0
+    fake_bench(empty)
+    assert main(["bench", "fake", "--no-floor", "--quiet", "--out", str(tmp_path / "o")]) == 0
+    assert "pingpong-fake0-cpu0_1 recorded no sample in 0.1 s" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_a_run_on_cpus_another_run_uses_is_warned_about(fake_bench, tmp_path, capsys):
+    """Two runs on the same CPUs used to share them in silence."""
+    a, b = CPUS[0], CPUS[-1]
+    code = ("import sys; from shm_layout import Region, Section; "
+            "r = Region.create([Section('slots', 2)]); s = r.array('slots'); "
+            f"s[0]['cpu'], s[1]['cpu'] = {a}, {b}; del s; print(r.name, flush=True); "
+            "sys.stdin.read(); r.close(); r.unlink()")
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        name = other.stdout.readline().strip()
+        fake_bench(fake_entry(0))
+        rc = main(["bench", "fake", "--no-floor", "--quiet", "--cpus", f"{a}",
+                   "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert (f"WARNING: another asirt run (pid {other.pid}, segment {name}) is using CPUs "
+                f"{a} too") in err, err
+        assert any(name in w for w in result_of(tmp_path / "o")["system"]["warnings"])
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+        other.stdout.close()
