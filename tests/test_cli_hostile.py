@@ -6,6 +6,7 @@ test pause (ASIRT_TEST_PAUSE=<phase>:<seconds>, asirt.cli.pause_for_tests).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,9 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from asirt import bench, histogram, results
+from asirt.cfloor import compiler
 from asirt.cli import main
 from asirt.errors import ShmUnavailable
 from asirt.results import Entry
@@ -490,3 +493,82 @@ def test_a_run_on_cpus_another_run_uses_is_warned_about(fake_bench, tmp_path, ca
         other.stdin.close()
         other.wait(timeout=60)
         other.stdout.close()
+
+
+# -- G: kill -9 of the CLI itself -----------------------------------------------------------
+def _descendants_once(run: Cli, what: str, timeout: float = 90) -> list[psutil.Process]:
+    """Every descendant of the CLI, once one whose command line contains ``what`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = psutil.Process(run.proc.pid).children(recursive=True)
+        with contextlib.suppress(psutil.Error):
+            if any(what in " ".join(k.cmdline()) for k in kids):
+                return kids
+        assert run.proc.poll() is None, "".join(run.err)
+        time.sleep(0.02)
+    raise AssertionError(f"no {what!r} under the CLI: {''.join(run.err)}")
+
+
+def _killed(run: Cli, what: str) -> int:
+    """kill -9 the CLI once ``what`` runs under it; check every descendant died with it."""
+    kids = _descendants_once(run, what)
+    run.proc.kill()
+    run.proc.wait()
+    alive = psutil.wait_procs(kids, timeout=15)[1]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not alive, f"outlived the CLI: {alive}"
+    return run.proc.pid
+
+
+def _floor_dirs(pid: int) -> list[str]:
+    return [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(f"asirt-floor-{pid}-")]
+
+
+def _nothing_left(pid: int) -> None:
+    nothing_of(pid)
+    assert not _floor_dirs(pid)
+
+
+needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler")
+
+
+def floor_args(out, duration: float) -> list[str]:
+    """A pingpong bench that measures the C floor first."""
+    return [a for a in bench_args(out, duration) if a != "--no-floor"]
+
+
+@pytest.mark.multiprocess
+@needs_cc
+@pytest.mark.parametrize("during", ["floor", "workers"])
+def test_kill_9_of_bench_then_cleanup_leaves_nothing(cli, tmp_path, during):
+    pid = _killed(cli(*floor_args(tmp_path, 30)), "/floor " if during == "floor" else "-m workers")
+    assert _floor_dirs(pid) or list_leftovers(), "nothing was left to reclaim"
+    res = subprocess.run([sys.executable, "-m", "asirt", "cleanup"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    _nothing_left(pid)
+
+
+@pytest.mark.multiprocess
+@needs_cc
+def test_kill_9_during_the_floor_then_the_next_run_reclaims_it(cli, tmp_path):
+    pid = _killed(cli(*floor_args(tmp_path, 30)), "/floor ")
+    assert _floor_dirs(pid)
+    res = subprocess.run([sys.executable, "-m", "asirt", *floor_args(tmp_path / "next", 0.2)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    _nothing_left(pid)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+def test_kill_9_of_stress_then_the_next_run_reclaims_everything(cli, tmp_path):
+    run = cli("stress", "--duration", "30", "--cpus", PAIR, "--out", str(tmp_path))
+    pid = _killed(run, "-m workers")
+    assert [lo for lo in list_leftovers() if lo.creator_pid == pid], "nothing was left"
+    res = subprocess.run([sys.executable, "-m", "asirt", *bench_args(tmp_path / "next", 0.2)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    _nothing_left(pid)
