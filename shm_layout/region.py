@@ -202,8 +202,11 @@ class Region:
             raise ValueError(f"semaphore tag {tag!r}: use letters, digits and _ only")
         sem_name = f"{self.name}-{tag}"
         if self.owner:
-            sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600,
-                                      initial_value=initial)
+            try:
+                sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600,
+                                          initial_value=initial)
+            except OSError as err:       # its file in /dev/shm: full, or read-only
+                raise _shm_error(err, f"semaphore {sem_name}") from err
             self._sem_names.append(sem_name)
         else:
             try:
@@ -278,7 +281,7 @@ def _create_segment(prefix: str, size: int) -> tuple[str, posix_ipc.SharedMemory
         except OSError as err:           # read-only, not writable, ...: may exist half-made
             with contextlib.suppress(posix_ipc.Error, OSError):
                 posix_ipc.unlink_shared_memory(name)
-            raise _shm_error(err, size) from err
+            raise _shm_error(err, f"a {_mib(size)} region") from err
         try:
             # Waits only while a reclaimer holds the lock: one that found the segment before
             # we locked it took it for stale and unlinked it (st_nlink 0): take another name.
@@ -292,7 +295,7 @@ def _create_segment(prefix: str, size: int) -> tuple[str, posix_ipc.SharedMemory
             shm.close_fd()
             _unlink_quietly(posix_ipc.unlink_shared_memory, name)
             if isinstance(err, OSError):
-                raise _shm_error(err, size) from err
+                raise _shm_error(err, f"a {_mib(size)} region") from err
             raise
         return name, shm
     raise AsirtError(f"could not create a shared-memory segment in {_CREATE_TRIES} tries "
@@ -303,8 +306,8 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _shm_error(err: OSError, size: int) -> ShmUnavailable:
-    """Why /dev/shm cannot hold a region of ``size`` bytes, and what to do about it."""
+def _shm_error(err: OSError, what: str) -> ShmUnavailable:
+    """Why /dev/shm cannot hold ``what`` (a region, a semaphore), and what to do about it."""
     if err.errno in (errno.ENOSPC, errno.ENOMEM):
         try:
             vfs = os.statvfs(DEV_SHM)
@@ -312,15 +315,15 @@ def _shm_error(err: OSError, size: int) -> ShmUnavailable:
                     f"{_mib(vfs.f_bavail * vfs.f_frsize)} free)")
         except OSError:
             room = ""
-        return ShmUnavailable(DEV_SHM, f"has no room for a {_mib(size)} region{room}",
+        return ShmUnavailable(DEV_SHM, f"has no room for {what}{room}",
                               f"free it ('asirt cleanup'; see 'ls -la {DEV_SHM}') or, as root, "
                               f"make it larger: mount -o remount,size=2G {DEV_SHM}")
     if err.errno == errno.EROFS:
         return ShmUnavailable(DEV_SHM, "is mounted read-only",
                               f"as root, remount it writable: mount -o remount,rw {DEV_SHM}")
-    return ShmUnavailable(DEV_SHM, f"refused a new segment ({err.strerror or err})",
-                          f"it must be a tmpfs this user can create files in (mode drwxrwxrwt, "
-                          f"like /tmp)")
+    return ShmUnavailable(DEV_SHM, f"refused {what} ({err.strerror or err})",
+                          "it must be a tmpfs this user can create files in (mode drwxrwxrwt, "
+                          "like /tmp)")
 
 
 def _unlink_quietly(fn, name: str) -> None:

@@ -307,8 +307,8 @@ def test_a_read_only_dev_shm_is_refused(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("err,needle", [(28, "has no room"), (30, "read-only"),
-                                        (13, "refused a new segment")])
+@pytest.mark.parametrize("err,needle", [(28, "has no room for a 0.0 MiB region"),
+                                        (30, "read-only"), (13, "refused a 0.0 MiB region")])
 def test_create_refuses_what_dev_shm_cannot_hold_and_leaves_nothing(err, needle, monkeypatch):
     """The same without root: posix_fallocate says ENOSPC (or EROFS, EACCES)."""
     from shm_layout.errors import ShmUnavailable
@@ -322,6 +322,16 @@ def test_create_refuses_what_dev_shm_cannot_hold_and_leaves_nothing(err, needle,
         Region.create([Section("slots", 1)])
     assert info.value.exit_code == 2 and "/dev/shm" in str(info.value)
     assert {lo.path for lo in list_leftovers()} == before
+
+
+def test_a_semaphore_dev_shm_cannot_hold_is_refused_like_a_region(region, monkeypatch):
+    from shm_layout.errors import ShmUnavailable
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, os.strerror(28))
+    monkeypatch.setattr(posix_ipc, "Semaphore", full)
+    with pytest.raises(ShmUnavailable, match=f"no room for semaphore {region.name}-start"):
+        region.semaphore("start")
 
 
 needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler")
