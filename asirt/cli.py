@@ -36,7 +36,7 @@ class _ArgParser(argparse.ArgumentParser):
 #: (starting the workers alone takes longer); above the maximum (a day per entry) it is
 #: surely a typo.
 MIN_DURATION_S, MAX_DURATION_S = 0.01, 86400.0
-# Plain decimal seconds: float() would also take "1_0", "inf", " ²" or fullwidth digits.
+# Plain decimal seconds: float() would also take "1_0" (10), "inf" or fullwidth digits.
 _SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
 
 
@@ -340,8 +340,12 @@ def _silence_stdout() -> None:
     """The reader of stdout went away (``| head``): send the rest nowhere, as Unix tools do,
     and so that the interpreter's last flush does not fail either."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):       # stdout is not a file (replaced in-process)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _out(text: str) -> None:

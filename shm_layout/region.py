@@ -503,8 +503,8 @@ def _header_says(fd: int) -> tuple[Status, str]:
         return Status.UNJUDGED, "does not start with asirt's magic: not a region asirt made"
     if int(h["version"]) != LAYOUT_VERSION:
         return Status.UNJUDGED, (f"made by another asirt version (layout {int(h['version'])}, "
-                                 f"this one {LAYOUT_VERSION}), whose runs take no lock, so this "
-                                 f"one cannot tell whether it is in use")
+                                 f"this one {LAYOUT_VERSION}), whose runs may take no lock, so "
+                                 "this one cannot tell whether it is in use")
     return Status.STALE, "its creator is gone (nobody holds its lock)"
 
 
@@ -529,23 +529,32 @@ def _unlink(lo: Leftover, examined: os.stat_result) -> Leftover:
     return lo._replace(removed=True)
 
 
-def _segment(dev_shm: str, entry: str, pid: int, remove: Remove) -> Leftover | None:
-    """Judge (and unlink, if ``remove`` says so) one segment; None if it vanished."""
-    path = os.path.join(dev_shm, entry)
-    lo = Leftover(path, "/" + entry, "segment", pid, Status.SKIPPED)
+def _examine(lo: Leftover, judge: Callable[[], Leftover]) -> Leftover | None:
+    """``judge()``, or what stopped it: None if the file vanished meanwhile, else ``lo``
+    saying why it was left alone."""
     try:
-        with creator_lock(path) as fd:
-            if fd is None:
-                return lo._replace(status=Status.ACTIVE, why="in use (its creator holds its lock)")
-            status, why = _header_says(fd)
-            lo = lo._replace(status=status, why=why)
-            return _unlink(lo, os.fstat(fd)) if remove(status) else lo    # still locked
+        return judge()
     except FileNotFoundError:
         return None
     except NotOurs as err:
         return lo._replace(why=err.why)
     except OSError as err:
         return lo._replace(why=f"cannot be examined ({err.strerror or err})")
+
+
+def _segment(dev_shm: str, entry: str, pid: int, remove: Remove) -> Leftover | None:
+    """Judge (and unlink, if ``remove`` says so) one segment; None if it vanished."""
+    path = os.path.join(dev_shm, entry)
+    lo = Leftover(path, "/" + entry, "segment", pid, Status.SKIPPED)
+
+    def judge() -> Leftover:
+        with creator_lock(path) as fd:
+            if fd is None:
+                return lo._replace(status=Status.ACTIVE, why="in use (its creator holds its lock)")
+            status, why = _header_says(fd)
+            judged = lo._replace(status=status, why=why)
+            return _unlink(judged, os.fstat(fd)) if remove(status) else judged   # still locked
+    return _examine(lo, judge)
 
 
 def _semaphore(dev_shm: str, entry: str, segment: str, pid: int,
@@ -553,25 +562,21 @@ def _semaphore(dev_shm: str, entry: str, segment: str, pid: int,
     """Judge (and unlink) one semaphore: it is what its segment is, stale when that is gone."""
     path = os.path.join(dev_shm, entry)
     lo = Leftover(path, "/" + entry[len("sem."):], "semaphore", pid, Status.SKIPPED)
-    try:
+
+    def judge() -> Leftover:
         st = os.lstat(path)
         check_owned(st)
-    except FileNotFoundError:
-        return None
-    except NotOurs as err:
-        return lo._replace(why=err.why)
-    except OSError as err:
-        return lo._replace(why=f"cannot be examined ({err.strerror or err})")
-    seg = _segment(dev_shm, segment, pid, lambda status: False)
-    if seg is None and _young(st):
-        lo = lo._replace(status=Status.UNJUDGED, why=f"its segment /{segment} is gone, just now: "
-                         "it may be being removed by an asirt that takes no lock")
-    elif seg is None or seg.status is Status.STALE:
-        lo = lo._replace(status=Status.STALE, why=f"its segment /{segment} is "
-                         + ("gone" if seg is None else "stale"))
-    else:
-        lo = lo._replace(status=seg.status, why=f"its segment /{segment}: {seg.why}")
-    return _unlink(lo, st) if remove(lo.status) else lo
+        seg = _segment(dev_shm, segment, pid, lambda status: False)
+        if seg is None and _young(st):
+            judged = lo._replace(status=Status.UNJUDGED, why=f"its segment /{segment} is gone, "
+                                 "just now: it may be being removed by an asirt that takes no lock")
+        elif seg is None or seg.status is Status.STALE:
+            judged = lo._replace(status=Status.STALE, why=f"its segment /{segment} is "
+                                 + ("gone" if seg is None else "stale"))
+        else:
+            judged = lo._replace(status=seg.status, why=f"its segment /{segment}: {seg.why}")
+        return _unlink(judged, st) if remove(judged.status) else judged
+    return _examine(lo, judge)
 
 
 def _scan(dev_shm: str, remove: Remove) -> list[Leftover]:
