@@ -5,11 +5,21 @@ what the ``spin`` transport does (one writer per cache line, the target polls, t
 times each round trip with CLOCK_MONOTONIC) without the interpreter, and buckets its samples
 with the same log-linear scheme, so every transport can be reported as a ratio to it.
 Where there is no compiler the floor is skipped with a note, never guessed.
+
+Nothing outlives the CLI: the program asks for SIGKILL when its parent dies
+(PR_SET_PDEATHSIG), and its directory, ``asirt-floor-<pid>-<hex>`` in the temporary
+directory, holds a lock file its creator keeps locked (shared) until it is done, so
+:func:`reclaim_dirs` (``asirt cleanup``, and every new floor) removes those of dead runs
+exactly as shm_layout.region reclaims segments.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from typing import NamedTuple
@@ -19,16 +29,24 @@ import numpy as np
 from asirt import histogram
 from asirt.cpu.wait import SPIN_LIMIT
 from asirt.errors import FeatureMissing
+from shm_layout.errors import NotOurs
+from shm_layout.region import Leftover, Status, creator_lock
+
+DIR_RE = re.compile(r"asirt-floor-(\d+)-[0-9a-f]{8}", re.ASCII)
+LOCK = "lock"
 
 C_SOURCE = r"""
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
+#include <unistd.h>
 
 /* One writer per 128-byte block, like the region's slots. */
 static struct { volatile int64_t v; char pad[120]; } ping __attribute__((aligned(128))),
@@ -84,7 +102,14 @@ int main(int argc, char **argv) {
         printf("%ld\n", (long)SPIN_LIMIT);
         return 0;
     }
-    if (argc != 5) { fprintf(stderr, "usage: %s CPU_A CPU_B DURATION_NS OUT\n", argv[0]); return 2; }
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s CPU_A CPU_B DURATION_NS OUT PARENT_PID\n", argv[0]);
+        return 2;
+    }
+    /* Die with the CLI (kill -9, SIGHUP) rather than spin on both CPUs for the rest of the
+       duration; if it died before the request took effect we have been reparented: end. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) { perror("prctl"); return 6; }
+    if (getppid() != (pid_t)atoll(argv[5])) return 6;
     int a = atoi(argv[1]), b = atoi(argv[2]);
     int64_t duration = atoll(argv[3]);
     pthread_t t;
@@ -133,9 +158,10 @@ class CFloor:
             raise FeatureMissing("a C compiler", "no cc, gcc or clang on PATH",
                                  "install one (apt-get install gcc) to measure the hardware floor")
         self.cc = cc
-        self._dir = tempfile.TemporaryDirectory(prefix="asirt-floor-")
-        src = os.path.join(self._dir.name, "floor.c")
-        self.exe = os.path.join(self._dir.name, "floor")
+        reclaim_dirs()            # what the floors of dead runs left
+        self._dir, self._lock = _make_dir()
+        src = os.path.join(self._dir, "floor.c")
+        self.exe = os.path.join(self._dir, "floor")
         with open(src, "w") as f:
             f.write(C_SOURCE)
         cmd = [cc, "-O2", "-pthread", f"-DSUB_BITS={histogram.SUB_BITS}",
@@ -148,8 +174,9 @@ class CFloor:
                                  "check the compiler installation")
 
     def measure(self, cpu_a: int, cpu_b: int, duration_s: float) -> Floor:
-        out = os.path.join(self._dir.name, f"hist-{cpu_a}-{cpu_b}.bin")
-        res = subprocess.run([self.exe, str(cpu_a), str(cpu_b), str(int(duration_s * 1e9)), out],
+        out = os.path.join(self._dir, f"hist-{cpu_a}-{cpu_b}.bin")
+        res = subprocess.run([self.exe, str(cpu_a), str(cpu_b), str(int(duration_s * 1e9)), out,
+                              str(os.getpid())],
                              capture_output=True, text=True, timeout=duration_s + 60)
         if res.returncode != 0:
             raise FeatureMissing("the C floor program", res.stderr.strip()[:500] or
@@ -171,10 +198,84 @@ class CFloor:
         return int(res.stdout)
 
     def close(self) -> None:
-        self._dir.cleanup()
+        """Remove the directory, then let go of its lock; safe to call twice."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "CFloor":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _make_dir() -> tuple[str, int]:
+    """A private directory ``asirt-floor-<pid>-<hex>`` and the descriptor of its lock file,
+    locked (shared) by this process. It is made under a hidden name and renamed once
+    locked, so no reclaimer ever sees it unlocked."""
+    tmp = tempfile.gettempdir()
+    try:
+        hidden = tempfile.mkdtemp(prefix=".asirt-floor-", dir=tmp)
+    except OSError as err:
+        raise FeatureMissing("a writable temporary directory", f"{tmp}: {err.strerror or err}",
+                             "set TMPDIR to a writable directory") from err
+    fd = -1
+    try:
+        fd = os.open(os.path.join(hidden, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        final = os.path.join(tmp, f"asirt-floor-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(hidden, final)
+    except BaseException as err:
+        shutil.rmtree(hidden, ignore_errors=True)
+        if fd >= 0:
+            os.close(fd)
+        if isinstance(err, OSError):
+            raise FeatureMissing("a writable temporary directory", f"{tmp}: "
+                                 f"{err.strerror or err}",
+                                 "set TMPDIR to a writable directory") from err
+        raise
+    return final, fd
+
+
+def _reclaim_dir(path: str, pid: int) -> Leftover | None:
+    """Remove one floor directory if its creator is gone; None if it vanished meanwhile."""
+    lo = Leftover(path, path, "floor directory", pid, Status.SKIPPED)
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise NotOurs(f"not a directory of this user (uid {os.getuid()}): not a floor "
+                          f"directory; remove it by hand if it is yours")
+    except FileNotFoundError:
+        return None
+    except (NotOurs, OSError) as err:
+        return lo._replace(why=str(err))
+    try:
+        with creator_lock(os.path.join(path, LOCK)) as fd:
+            if fd is None:
+                return lo._replace(status=Status.ACTIVE, why="in use (its creator holds its lock)")
+            lo = lo._replace(status=Status.STALE, why="its creator is gone (nobody holds its lock)")
+            shutil.rmtree(path)                      # while still holding the lock
+            return lo._replace(removed=True)
+    except FileNotFoundError:
+        return lo._replace(why="has no lock file: not made by this asirt version; remove it by "
+                           "hand if no floor is running")
+    except NotOurs as err:
+        return lo._replace(why=f"its lock file is {err}")
+    except OSError as err:
+        return lo._replace(why=f"cannot be examined or removed ({err.strerror or err})")
+
+
+def reclaim_dirs(tmp: str | None = None) -> list[Leftover]:
+    """Remove the floor directories of dead runs from ``tmp`` (the temporary directory);
+    like shm_layout.region.reclaim, every one looked at is returned with what was done."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        entries = sorted(os.listdir(tmp))
+    except OSError:
+        return []
+    found = (_reclaim_dir(os.path.join(tmp, e), int(m.group(1)))
+             for e in entries if (m := DIR_RE.fullmatch(e)))
+    return [lo for lo in found if lo is not None]

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import os
+import re
 import signal
 import sys
+import tempfile
+import time
 from typing import Any, Iterable, Sequence
 
 from asirt import results, scenarios
@@ -19,8 +24,10 @@ from asirt.scenarios.common import plan_cores
 from asirt.sync.barrier import BARRIERS
 from asirt.sync.stun import ALL_PROTOCOLS, PROTOCOLS
 from asirt.system import read_system
-from asirt.topology import format_topology, parse_cpu_arg, read_topology, select_topology
-from shm_layout import list_leftovers, reclaim
+from asirt.topology import (format_cpu_list, format_topology, parse_cpu_arg, read_topology,
+                            select_topology)
+from asirt.cfloor import reclaim_dirs
+from shm_layout.region import Leftover, Status, active_runs, list_leftovers, reclaim
 
 EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -32,11 +39,23 @@ class _ArgParser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+#: --duration bounds, in seconds: below the minimum an entry may record no sample at all
+#: (starting the workers alone takes longer); above the maximum (a day per entry) it is
+#: surely a typo.
+MIN_DURATION_S, MAX_DURATION_S = 0.01, 86400.0
+# Plain decimal seconds: float() would also take "1_0" (10), "inf" or fullwidth digits.
+_SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
+
+
 def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not _SECONDS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write it as "
+                                         "digits with an optional decimal point, e.g. 2 or 0.5")
+    value = float(text)
+    if not MIN_DURATION_S <= value <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} s is outside {MIN_DURATION_S:g}..{MAX_DURATION_S:g} s (a day); shorter "
+            "entries may record nothing, longer ones are surely a typo")
     try:
         return scenarios.check_duration(value)
     except BadInput as err:
@@ -120,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a")
     cmp_.add_argument("run_b")
 
-    c = sub.add_parser("cleanup", help="unlink /asirt-* segments and semaphores of dead runs")
+    c = sub.add_parser("cleanup", help="remove the /asirt-* segments and semaphores and the "
+                       "C-floor temporary directories of dead runs")
     c.add_argument("--all", action="store_true",
-                   help="also those whose creator still runs (only when no asirt run is active)")
+                   help="also what this version cannot judge: segments of other asirt versions "
+                   "and files under asirt names that are not regions; refused while a run of "
+                   "this version is active (make sure no older asirt runs either)")
 
     pf = sub.add_parser("profile", help="exit profiles (TOML): list, show, import from perf")
     pfs = pf.add_subparsers(dest="profile_command", metavar="list|show|import", required=True,
@@ -157,7 +179,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 def _selected_topology(args: argparse.Namespace):
     topo = read_topology()
-    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus else None
+    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus is not None else None
     return select_topology(topo, args.topology, cpus)
 
 
@@ -196,9 +218,82 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return _run(args, "stress", topo, config, runs)
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM while a command runs: the handler ``main`` installs.
+
+    While ``raising``, a signal raises KeyboardInterrupt (the orchestrator's cleanup path,
+    which stops and reaps the workers); it raises once, and every later signal is only
+    noted in ``caught``: the command is ending already. ``_run`` clears ``raising`` the
+    moment the entries are over, so nothing can tear the writing of their results.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.raising = True
+        self.caught: list[str] = []
+        try:
+            self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+        except ValueError:         # not the main thread: Python delivers no signal here
+            self.previous = {}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.caught.append(signal.Signals(signum).name)
+        if self.raising:
+            self.raising = False
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def pause_for_tests(phase: str) -> None:
+    """For tests only: with ASIRT_TEST_PAUSE=<phase>:<seconds> the CLI says so on stderr and
+    sleeps there, so that a test can send a signal at a known moment."""
+    want, _, seconds = os.environ.get("ASIRT_TEST_PAUSE", "").partition(":")
+    if want == phase:
+        print(f"asirt: test pause: {phase}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 1))
+
+
+def _measure(runs: Iterable[results.Entry],
+             interrupts: _Interrupts) -> tuple[list[results.Entry], bool, AsirtError | None]:
+    """Run the entries: those that completed, whether a signal interrupted them, and the
+    error that ended them early, if one did after the first entry (before it, it is raised:
+    nothing was measured). Signals only count from the moment this returns."""
+    entries: list[results.Entry] = []
+    try:
+        for entry in runs:
+            entries.append(entry)
+        interrupts.raising = False
+        return entries, False, None
+    except KeyboardInterrupt:
+        interrupts.raising = False      # (a plain store: no signal handler runs before it)
+        print("\ninterrupted: writing the entries that completed", file=sys.stderr)
+        return entries, True, None
+    except AsirtError as err:           # e.g. /dev/shm full at the third entry
+        interrupts.raising = False
+        if not entries:
+            raise
+        print(f"asirt: error: {err}\nasirt: writing the entries that completed",
+              file=sys.stderr)
+        return entries, False, err
+
+
 def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
          runs: Iterable[results.Entry]) -> int:
-    """Run the entries, write the run directory (also after Ctrl-C), print, choose the status."""
+    """Run the entries, print their table, write the run directory, choose the status.
+
+    What was measured survives every signal. The first Ctrl-C or SIGTERM ends the entry
+    that runs; those that completed are kept with ``"interrupted": true`` and the status is
+    130. A signal once the last entry has completed interrupts nothing: it is noted, the run
+    is kept with ``"interrupted": false`` and ends with its own status. An error after the
+    first entry keeps those before it (``"error"``) and exits with the error's status. The
+    table is printed before anything is written, and results that cannot be written where
+    --out says go elsewhere (_keep): then the status is at least 1.
+    """
+    interrupts: _Interrupts = args.interrupts
     results.prepare_out_dir(args.out)   # refuse an unusable --out before anything runs
     system = read_system(topo.sysfs_root, topo.cpus)
     from asirt.clock import calibrate
@@ -209,27 +304,34 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     if not args.quiet:
         for line in topo.warnings:
             print(f"WARNING: {line}", file=sys.stderr)
-    entries: list[results.Entry] = []
-    interrupted = False
-    try:
-        for entry in runs:
-            entries.append(entry)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: writing the entries that completed", file=sys.stderr)
-    result = results.build_result(run_id, started_at, topo.to_json(), system.to_json(), config,
-                                  entries, interrupted)
-    run_dir = results.write_run(args.out, result, entries)
-    from asirt import plot
-    if plot.available() and entries:
-        plot.plot_run(run_dir)
+    system_json = system.to_json()
+    for line in _shared_cpus(topo.cpus):    # the measurements are worth little: say so now
+        print(f"WARNING: {line}", file=sys.stderr)
+        system_json["warnings"].append(line)
+    entries, interrupted, error = _measure(runs, interrupts)
+    pause_for_tests("write")
+    result = results.build_result(run_id, started_at, topo.to_json(), system_json, config,
+                                  entries, interrupted, None if error is None else str(error))
+    # The table (or the JSON) first: it is on the screen whatever becomes of the files.
     if args.json:
-        print(json.dumps(result, indent=2))
+        _out(json.dumps(result, indent=2))
     else:
-        print(results.format_table(result["scenarios"]))
-        for line in (*system.warnings, *(w for e in entries for w in e.extra.get("warnings", ()))):
-            print(f"WARNING: {line}")
-        print(f"run directory: {run_dir}")
+        _out(results.format_table(result["scenarios"]))
+        for line in (*system_json["warnings"], *_entry_warnings(entries)):
+            _out(f"WARNING: {line}")
+    run_dir, where_asked = _keep(args.out, result, entries)
+    if run_dir is not None:
+        _plot(run_dir, entries)
+        if not args.json:
+            _out(f"run directory: {run_dir}")
+    late = interrupts.caught[1:] if interrupted else interrupts.caught
+    if late:
+        print(f"asirt: {', '.join(dict.fromkeys(late))} came after "
+              + ("the interrupt: ignored while the results were kept" if interrupted else
+                 "the last entry had completed: nothing was interrupted, every entry was kept"),
+              file=sys.stderr)
+    if error is not None:
+        return error.exit_code
     if interrupted:
         return EXIT_INTERRUPTED
     problems = results.check_problems(entries)
@@ -240,45 +342,151 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
                 and not e.counters.get("violations")):
             print(f"asirt: note: the unsafe protocol {e.strategy!r} showed no violation in this "
                   "run; run longer or with delays to see the checkers catch it", file=sys.stderr)
-    return EXIT_CHECK if problems else EXIT_OK
+    return EXIT_CHECK if problems or not where_asked else EXIT_OK
+
+
+def _shared_cpus(cpus: Iterable[int]) -> list[str]:
+    """A warning for each other active asirt run of this user on any of ``cpus``."""
+    mine = set(cpus)
+    return [f"another asirt run (pid {run.creator_pid}, segment {run.segment}) is using CPUs "
+            f"{format_cpu_list(shared)} too: each disturbs the other's measurements; wait "
+            f"for it to end, or choose other CPUs with --cpus"
+            for run in active_runs() if (shared := sorted(mine & set(run.cpus)))]
+
+
+def _entry_warnings(entries: list[results.Entry]) -> list[str]:
+    """What each entry says about itself, and an entry that recorded nothing."""
+    return [*(w for e in entries for w in e.extra.get("warnings", ())),
+            *(f"{e.label} recorded no sample in {e.duration_s:.3g} s; run longer (--duration)"
+              for e in entries if e.hists and not e.failures
+              and not any(int(h.sum()) for h in e.hists.values()))]
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``| head``): send the rest nowhere, as Unix tools do,
+    and so that the interpreter's last flush does not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):       # stdout is not a file (replaced in-process)
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _out(text: str) -> None:
+    """Print a line of the command's output; a closed pipe silences the rest of it."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def _keep(out_dir: str, result: dict[str, Any],
+          entries: list[results.Entry]) -> tuple[str | None, bool]:
+    """Write the run directory into ``out_dir``; failing that (a full disk, a directory made
+    read-only during the run) into a new private directory under the system's temporary
+    directory; failing that too, print result.json on stderr. Each failure and where the
+    results went instead are said on stderr. Returns the run directory (None: on stderr
+    only) and whether it is where --out asked (the status is 1 when not)."""
+    try:
+        return results.write_run(out_dir, result, entries), True
+    except OSError as err:
+        print(f"asirt: cannot write the run directory into --out {out_dir} ({_why(err)})",
+              file=sys.stderr)
+    fallback = None
+    try:
+        fallback = tempfile.mkdtemp(prefix="asirt-run-")
+        run_dir = results.write_run(fallback, result, entries)
+    except OSError as err:
+        if fallback is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(fallback)
+        print(f"asirt: nor into the temporary directory ({_why(err)}); result.json follows on "
+              "stderr: save it as RUN/result.json to read it with 'asirt report RUN'",
+              file=sys.stderr)
+        print(json.dumps(result, indent=2), file=sys.stderr)
+        return None, False
+    print(f"asirt: the run directory went to {run_dir} instead; move it where it belongs",
+          file=sys.stderr)
+    return run_dir, False
+
+
+def _plot(run_dir: str, entries: list[results.Entry]) -> None:
+    from asirt import plot
+    if not (plot.available() and entries):
+        return
+    try:
+        plot.plot_run(run_dir)
+    except (OSError, AsirtError) as err:
+        print(f"WARNING: no plots in {run_dir} ({_why(err)}); 'asirt report {run_dir} --plot' "
+              "makes them later", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     result = results.load_result(args.run_dir)
     if args.json:
-        print(json.dumps(result, indent=2))
+        _out(json.dumps(result, indent=2))
     else:
-        print(f"run {result['run_id']} started {result['started_at']} on "
-              f"{result['host']['hostname']} ({result['host']['cpu_model']})")
+        _out(f"run {result['run_id']} started {result['started_at']} on "
+             f"{result['host']['hostname']} ({result['host']['cpu_model']})")
         if result["topology"].get("emulated"):
-            print("topology: EMULATED sibling grouping")
-        print(results.format_table(result["scenarios"]))
+            _out("topology: EMULATED sibling grouping")
+        _out(results.format_table(result["scenarios"]))
     if args.plot:
         from asirt.plot import plot_run
         for path in plot_run(args.run_dir):   # stdout holds only the report (JSON with --json)
-            print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+            if args.json:
+                print(f"wrote {path}", file=sys.stderr)
+            else:
+                _out(f"wrote {path}")
     return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     a, b = results.load_result(args.run_a), results.load_result(args.run_b)
-    print(f"A = {a['run_id']} ({a['host']['hostname']})\nB = {b['run_id']} ({b['host']['hostname']})")
-    print(results.format_comparison(a["scenarios"], b["scenarios"]))
+    _out(f"A = {a['run_id']} ({a['host']['hostname']})\n"
+         f"B = {b['run_id']} ({b['host']['hostname']})")
+    _out(results.format_comparison(a["scenarios"], b["scenarios"]))
     return EXIT_OK
+
+
+def _cleanup_line(lo: Leftover) -> str:
+    if lo.removed:
+        return f"removed {lo.kind} {lo.ipc_name}: {lo.why}"
+    if lo.status is Status.UNJUDGED:
+        return (f"kept {lo.kind} {lo.ipc_name}: {lo.why}; 'asirt cleanup --all' removes it "
+                f"when no asirt run is active")
+    if lo.status is Status.STALE:
+        return f"could not remove {lo.kind} {lo.ipc_name}: {lo.why}"
+    verb = "kept" if lo.status is Status.ACTIVE else "skipped"
+    return f"{verb} {lo.path}: {lo.why}"
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    before = list_leftovers()
-    done = reclaim(include_alive=args.all)
-    for lo in done:
-        print(f"unlinked {lo.kind} {lo.ipc_name} (creator pid {lo.creator_pid}"
-              f"{'' if lo.alive else ', dead'})")
-    kept = [lo for lo in before if lo not in done]
-    for lo in kept:
-        print(f"kept {lo.kind} {lo.ipc_name}: its creator (pid {lo.creator_pid}) still runs")
-    if not before:
-        print("nothing to clean up")
-    return EXIT_OK
+    floors = reclaim_dirs()      # a floor directory is never unjudged: --all changes nothing
+    if args.all:
+        active = [lo for lo in [*list_leftovers(), *floors]
+                  if lo.status is Status.ACTIVE and lo.kind != "semaphore"]
+        if active:
+            raise BadInput("cleanup --all", f"{len(active)} asirt run(s) are active ("
+                           + ", ".join(f"{lo.ipc_name}, pid {lo.creator_pid}" for lo in active)
+                           + "): --all would break them",
+                           "wait until they end, or run 'asirt cleanup' without --all: it "
+                           "removes only what finished runs left")
+    seen = reclaim(unjudged=args.all) + floors
+    for lo in seen:
+        _out(_cleanup_line(lo))
+    if not seen:
+        _out("nothing to clean up")
+    failed = [lo for lo in seen if lo.status is Status.STALE and not lo.removed]
+    return EXIT_CHECK if failed else EXIT_OK
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -317,24 +525,34 @@ COMMANDS = {"topology": cmd_topology, "bench": cmd_bench, "stress": cmd_stress,
             "compare": cmd_compare, "cleanup": cmd_cleanup}
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # the same cleanup path as Ctrl-C
+def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
+    """The command line; returns the exit status.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    ``restore_signals`` False is for the console entry point, whose process ends with this
+    call: the signal handling then stays, only noting, so that a signal that comes once the
+    status is chosen cannot change it (the default action of SIGTERM would make it 143).
+    """
+    interrupts = _Interrupts()
     try:
+        args = build_parser().parse_args(argv)
+        args.interrupts = interrupts
         return COMMANDS[args.command](args)
     except AsirtError as err:
+        interrupts.raising = False
         print(f"asirt: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        interrupts.raising = False
         print("asirt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:            # the reader stopped reading (| head): not a failure
+        _silence_stdout()
+        return EXIT_OK
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupts.raising = False
+        if restore_signals:
+            interrupts.restore()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))

@@ -5,10 +5,10 @@ Subclasses keep their constructor arguments in ``args`` so they pickle across pr
 """
 from __future__ import annotations
 
-from shm_layout.errors import AsirtError, LayoutMismatch, SegmentMissing
+from shm_layout.errors import AsirtError, LayoutMismatch, SegmentMissing, ShmUnavailable
 
-__all__ = ["AsirtError", "LayoutMismatch", "SegmentMissing", "BadInput", "FeatureMissing",
-           "WorkerFailed", "CheckFailed"]
+__all__ = ["AsirtError", "LayoutMismatch", "SegmentMissing", "ShmUnavailable", "BadInput",
+           "FeatureMissing", "WorkerFailed", "CheckFailed"]
 
 
 class BadInput(AsirtError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import errno
 import io
 import json
 import os
@@ -113,12 +114,15 @@ def new_run_id(scenario: str) -> str:
 
 
 def build_result(run_id: str, started_at: str, topology: dict, system: dict, config: dict,
-                 entries: list[Entry], interrupted: bool = False) -> dict[str, Any]:
-    return {
+                 entries: list[Entry], interrupted: bool = False,
+                 error: str | None = None) -> dict[str, Any]:
+    """result.json; ``error``: why the run stopped before its last entry, when an error did."""
+    result = {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "started_at": started_at,
         "host": host_info(), "topology": topology, "system": system, "config": config,
         "scenarios": [e.to_json() for e in entries], "interrupted": interrupted,
     }
+    return {**result, "error": error} if error is not None else result
 
 
 def _safe(name: str) -> str:
@@ -148,21 +152,17 @@ def prepare_out_dir(out_dir: str) -> None:
 
 
 def write_run(out_dir: str, result: dict[str, Any], entries: list[Entry]) -> str:
-    """Write the run directory ``out_dir/<run_id>`` atomically; returns its path."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise BadInput(f"--out {out_dir}", f"cannot create it ({err.strerror or err})",
-                       _OUT_FIX) from err
+    """Write the run directory ``out_dir/<run_id>`` atomically; returns its path.
+
+    OSError, naming the path, if it cannot (a full disk, a directory become read-only):
+    nothing half-written stays behind.
+    """
+    os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, result["run_id"])
-    if os.path.exists(final):
-        raise BadInput(f"--out {out_dir}", f"{final} already exists", "pass another directory")
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, "a run directory of that name exists", final)
     tmp = os.path.join(out_dir, f".tmp-{result['run_id']}")
-    try:
-        os.makedirs(tmp)
-    except OSError as err:
-        raise BadInput(f"--out {out_dir}", f"cannot create a run directory in it "
-                       f"({err.strerror or err})", _OUT_FIX) from err
+    os.makedirs(tmp)
     try:
         for e in entries:
             for metric, counts in e.hists.items():
@@ -234,8 +234,9 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             if name in s.get("counters", {}):
                 rows.append([*where, name, str(s["counters"][name]), *[""] * 6])
         for f in s.get("faults", []):
-            seen = (f"detected in {f['detect_after_ms']} ms" if f.get("detected")
-                    else "NOT DETECTED")
+            seen = ("not injected" if f.get("injected") is False else
+                    f"detected in {f['detect_after_ms']} ms" if f.get("detected") else
+                    "NOT DETECTED")
             rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", seen, *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])
@@ -244,6 +245,11 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
 
 def _key(s: dict[str, Any]) -> tuple:
     return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]))
+
+
+def _ratio(b: Any, a: Any) -> str:
+    """B/A, or "-" where A is 0 or either is missing."""
+    return f"{b / a:.2f}" if a and b is not None else "-"
 
 
 def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
@@ -261,24 +267,82 @@ def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
             if not ma or not ma["count"] or not mb["count"]:
                 continue
             rows.append([*map(str, _key(sb)[:3]), ",".join(map(str, sb["cpus"])), metric,
-                         _fmt_ns(ma["p50"]), _fmt_ns(mb["p50"]), f"{mb['p50'] / ma['p50']:.2f}",
-                         _fmt_ns(ma["p99"]), _fmt_ns(mb["p99"]), f"{mb['p99'] / ma['p99']:.2f}"])
+                         _fmt_ns(ma["p50"]), _fmt_ns(mb["p50"]), _ratio(mb["p50"], ma["p50"]),
+                         _fmt_ns(ma["p99"]), _fmt_ns(mb["p99"]), _ratio(mb["p99"], ma["p99"])])
     if not rows:
         return "no entry appears in both runs"
     return _render(head, rows)
 
 
+# What report and compare read from result.json, checked on load so that a file of another
+# shape is refused with the field named: a type (int never matches a bool), a tuple of
+# types, a list of one shape, {str: shape} for any keys, or a dict of required keys
+# (optional ones end in "?").
+_NUMBER = (int, float, type(None))
+_METRIC = {"count": int, **{k: _NUMBER for k in ("min", "p50", "p90", "p99", "p999", "max")}}
+_SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
+             "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
+             "faults?": [{"fault": str, "cpu": int, "detected?": bool, "injected?": bool,
+                          "detect_after_ms?": _NUMBER}],
+             "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER}}
+_RESULT = {"run_id": str, "started_at": str, "host": {"hostname": str, "cpu_model": str},
+           "topology": {"emulated?": bool}, "scenarios": [_SCENARIO]}
+_MAX_RESULT_BYTES = 256 * 2**20
+
+
+def _shape_error(value: Any, shape: Any, where: str) -> str | None:
+    """Where ``value`` departs from ``shape``, in words; None if it does not."""
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is {type(value).__name__}, not a list"
+        return next((e for i, v in enumerate(value)
+                     if (e := _shape_error(v, shape[0], f"{where}[{i}]"))), None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is {type(value).__name__}, not an object"
+        if list(shape) == [str]:
+            return next((e for k, v in value.items()
+                         if (e := _shape_error(v, shape[str], f"{where}.{k}"))), None)
+        for key, sub in shape.items():
+            name = key.rstrip("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return f"{where} has no {name!r}"
+            if err := _shape_error(value[name], sub, f"{where}.{name}"):
+                return err
+        return None
+    kinds = shape if isinstance(shape, tuple) else (shape,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        return f"{where} is {json.dumps(value)[:40]}, not {names}"
+    return None
+
+
 def load_result(run_dir: str) -> dict[str, Any]:
+    """result.json of ``run_dir``; BadInput naming the file and the fix for anything else."""
+    fix = "pass a directory written by 'asirt bench' or 'asirt stress'"
+    if os.path.isfile(run_dir):
+        raise BadInput(f"run directory {run_dir}", "is a file, not a run directory",
+                       f"pass the directory that holds it: {os.path.dirname(run_dir) or '.'}")
     path = os.path.join(run_dir, "result.json")
     try:
-        with open(path) as f:
-            result = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read(_MAX_RESULT_BYTES + 1)
     except FileNotFoundError as err:
-        raise BadInput(f"run directory {run_dir}", "has no result.json",
-                       "pass a directory written by 'asirt bench'") from err
-    except json.JSONDecodeError as err:
-        raise BadInput(path, f"is not valid JSON ({err})", "re-run the benchmark") from err
-    if result.get("schema_version") != SCHEMA_VERSION:
-        raise BadInput(path, f"schema_version {result.get('schema_version')!r} is not "
-                       f"{SCHEMA_VERSION}", "re-run the benchmark with this asirt version")
+        raise BadInput(f"run directory {run_dir}", "has no result.json", fix) from err
+    except OSError as err:
+        raise BadInput(path, f"cannot be read ({err.strerror or err})", fix) from err
+    if len(data) > _MAX_RESULT_BYTES:
+        raise BadInput(path, f"is over {_MAX_RESULT_BYTES >> 20} MiB: not a result.json", fix)
+    try:
+        result = json.loads(data)
+    except (ValueError, RecursionError) as err:   # JSON, UTF-8 and nesting errors
+        raise BadInput(path, f"is not JSON asirt wrote ({str(err)[:100]})", fix) from err
+    if not isinstance(result, dict) or result.get("schema_version") != SCHEMA_VERSION:
+        found = result.get("schema_version") if isinstance(result, dict) else result
+        raise BadInput(path, f"schema_version {json.dumps(found)[:40]} is not {SCHEMA_VERSION}",
+                       "re-run the benchmark with this asirt version")
+    if err := _shape_error(result, _RESULT, "result"):
+        raise BadInput(path, f"is not a result asirt wrote: {err}", fix)
     return result

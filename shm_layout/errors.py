@@ -48,3 +48,28 @@ class SegmentMissing(AsirtError):
     def message(self) -> str:
         return (f"shared-memory segment {self.segment!r} does not exist; "
                 f"it may have been unlinked by its creator (list them with 'ls /dev/shm')")
+
+
+class ShmUnavailable(AsirtError):
+    """/dev/shm cannot hold the region: full, read-only, or not ours to write."""
+
+    exit_code = 2  # the host must be fixed before any run can start, like FeatureMissing
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        super().__init__(path, problem, fix)
+        self.path, self.problem, self.fix = path, problem, fix
+
+    def message(self) -> str:
+        return f"{self.path} {self.problem}; {self.fix}"
+
+
+class NotOurs(AsirtError):
+    """A file under an asirt name that this user's asirt cannot have made (a directory, a
+    link, another user's file): hygiene leaves it alone and says why."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+    def message(self) -> str:
+        return self.why

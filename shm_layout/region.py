@@ -1,30 +1,53 @@
 """Create, attach, validate and unlink the shared region and its semaphores.
 
 Parent owns, children attach: only the creator unlinks (segment and every semaphore it
-made). Names are ``/asirt-<creator pid>-<random>`` so that a later run can find and reclaim
-what a dead creator left behind (posix_ipc has no resource tracker).
+made). Names are ``/asirt-<creator pid>-<8 hex digits>`` and ``<segment>-<tag>`` so that a
+later run can find and reclaim what a dead creator left behind (posix_ipc has no resource
+tracker).
+
+Liveness never depends on a pid, which may be reused or belong to another PID namespace
+sharing /dev/shm: the creator holds a shared ``flock`` on its segment for the region's whole
+life (workers, which only attach, take none). The kernel drops it when the creator dies,
+however it dies, so whoever can take the lock exclusively knows the creator is gone; the
+pid in the name is for people only. A semaphore lives and dies with its segment.
 """
 from __future__ import annotations
 
+import contextlib
+import enum
+import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import stat
 import time
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import posix_ipc
 
-from shm_layout.errors import AsirtError, LayoutMismatch, SegmentMissing
+from shm_layout.errors import AsirtError, LayoutMismatch, NotOurs, SegmentMissing, ShmUnavailable
 from shm_layout.header import (HEADER_DTYPE, LAYOUT_VERSION, MAGIC, MAX_SECTIONS, STATE_WORD,
                                RegionState)
 from shm_layout.sections import ALIGN, Section, dtype_crc, section_dtype
 
 PREFIX = "/asirt-"
 DEV_SHM = "/dev/shm"
-_LEFTOVER_RE = re.compile(r"^(sem\.)?asirt-(\d+)-[0-9a-f]+")
+# The files Region.create and Region.semaphore make in /dev/shm (glibc's sem_open prefixes
+# "sem."), matched whole: "asirt-1-cafe.txt" or a run directory is never taken for one.
+SEGMENT_RE = re.compile(r"asirt-(\d+)-[0-9a-f]{8}", re.ASCII)
+SEMAPHORE_RE = re.compile(r"sem\.(asirt-(\d+)-[0-9a-f]{8})-[A-Za-z0-9_]+", re.ASCII)
+_TAG_RE = re.compile(r"[A-Za-z0-9_]+", re.ASCII)
+# A name posix_ipc can take: one leading slash and no other, printable ASCII (it crashes on a
+# NUL), short enough for glibc's "sem." and a tag within NAME_MAX.
+_IPC_NAME_RE = re.compile(r"/[\x21-\x2e\x30-\x7e]{1,200}", re.ASCII)
+_CREATE_TRIES = 3
+#: A segment without a header, or a semaphore without a segment, younger than this may be
+#: being made or removed by an asirt of another layout, which takes no lock: only an older
+#: one is surely abandoned. Making or removing them takes microseconds.
+_GRACE_S = 60.0
 
 
 class PlannedSection(NamedTuple):
@@ -65,10 +88,11 @@ class Region:
     """A mapped asirt region. Use :meth:`create` (the orchestrator) or :meth:`attach` (workers)."""
 
     def __init__(self, name: str, mapping: mmap.mmap, sections: list[PlannedSection],
-                 owner: bool) -> None:
+                 owner: bool, lock: posix_ipc.SharedMemory | None = None) -> None:
         self.name = name
         self.owner = owner
         self._mmap = mapping
+        self._lock = lock      # the creator's open segment: its flock says "alive"
         self._sections = {s.name: s for s in sections}
         self._sems: dict[str, posix_ipc.Semaphore] = {}
         self._sem_names: list[str] = []
@@ -81,19 +105,14 @@ class Region:
     @classmethod
     def create(cls, sections: Iterable[Section], prefix: str = PREFIX) -> "Region":
         planned, total = plan(sections)
-        name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=total)
-        except posix_ipc.ExistentialError as err:  # pragma: no cover - 32 random bits collided
-            raise AsirtError(f"shared-memory segment {name} already exists; run again") from err
+        name, shm = _create_segment(prefix, total)
         try:
             mapping = mmap.mmap(shm.fd, total)
         except BaseException:
             shm.close_fd()
             posix_ipc.unlink_shared_memory(name)
             raise
-        shm.close_fd()
-        region = cls(name, mapping, planned, owner=True)
+        region = cls(name, mapping, planned, owner=True, lock=shm)
         try:
             region._write_header(planned, total)
         except BaseException:
@@ -121,28 +140,21 @@ class Region:
     @classmethod
     def attach(cls, name: str) -> "Region":
         """Map an existing region, refusing anything that is not a live region of this build."""
+        if not isinstance(name, str) or not _IPC_NAME_RE.fullmatch(name):
+            raise LayoutMismatch(str(name)[:80], "name", "/ then up to 200 printable ASCII "
+                                 "characters other than /", str(name)[:80])
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as err:
             raise SegmentMissing(name) from err
-        except ValueError as err:
-            raise AsirtError(f"invalid shared-memory name {name!r}: {err}") from err
+        except (posix_ipc.Error, OSError, ValueError) as err:
+            # a symbolic link (ELOOP), a directory (posix_ipc's ValueError), no permission
+            raise LayoutMismatch(name, "file", "a shared-memory segment it can open",
+                                 f"one it cannot ({err})") from err
         try:
-            st = os.fstat(shm.fd)
-            if st.st_uid != os.getuid():
-                raise LayoutMismatch(name, "owner uid", os.getuid(), st.st_uid)
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                raise LayoutMismatch(name, "mode", "0o600", oct(stat.S_IMODE(st.st_mode)))
-            if st.st_size < HEADER_DTYPE.itemsize:
-                raise LayoutMismatch(name, "size", f">= {HEADER_DTYPE.itemsize}", st.st_size)
-            mapping = mmap.mmap(shm.fd, st.st_size)
+            mapping, planned = _map_validated(name, shm.fd, writable=True)
         finally:
             shm.close_fd()
-        try:
-            planned = _validate(name, mapping, st.st_size)
-        except BaseException:
-            mapping.close()
-            raise
         return cls(name, mapping, planned, owner=False)
 
     # -- access -------------------------------------------------------------------------
@@ -186,10 +198,15 @@ class Region:
         """The region's semaphore ``tag``: created (O_EXCL, 0600) by the owner, opened by others."""
         if tag in self._sems:
             return self._sems[tag]
+        if not _TAG_RE.fullmatch(tag):     # what reclaim recognises (SEMAPHORE_RE)
+            raise ValueError(f"semaphore tag {tag!r}: use letters, digits and _ only")
         sem_name = f"{self.name}-{tag}"
         if self.owner:
-            sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600,
-                                      initial_value=initial)
+            try:
+                sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=0o600,
+                                          initial_value=initial)
+            except OSError as err:       # its file in /dev/shm: full, or read-only
+                raise _shm_error(err, f"semaphore {sem_name}") from err
             self._sem_names.append(sem_name)
         else:
             try:
@@ -215,6 +232,9 @@ class Region:
         except BufferError:
             # A caller still holds a numpy view; the mapping goes when that view does.
             pass
+        if self._lock is not None:     # from now on reclaim takes the segment for stale
+            self._lock.close_fd()
+            self._lock = None
 
     def unlink(self) -> None:
         """Remove the segment and every semaphore this process created. Creator only; idempotent."""
@@ -250,11 +270,87 @@ def sem_wait(sem: posix_ipc.Semaphore, timeout_s: float | None) -> None:
                 timeout_s = max(0.0, deadline - time.monotonic())
 
 
+def _create_segment(prefix: str, size: int) -> tuple[str, posix_ipc.SharedMemory]:
+    """A new segment of ``size`` bytes, its memory allocated, this process's lock on it."""
+    for _ in range(_CREATE_TRIES):
+        name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        except posix_ipc.ExistentialError:
+            continue                     # 32 random bits collided: another name
+        except OSError as err:           # read-only, not writable, ...: may exist half-made
+            with contextlib.suppress(posix_ipc.Error, OSError):
+                posix_ipc.unlink_shared_memory(name)
+            raise _shm_error(err, f"a {_mib(size)} region") from err
+        try:
+            # Waits only while a reclaimer holds the lock: one that found the segment before
+            # we locked it took it for stale and unlinked it (st_nlink 0): take another name.
+            fcntl.flock(shm.fd, fcntl.LOCK_SH)
+            if os.fstat(shm.fd).st_nlink == 0:
+                shm.close_fd()
+                continue
+            # Real pages now: a full /dev/shm is refused here, not a SIGBUS at first touch.
+            os.posix_fallocate(shm.fd, 0, size)
+        except BaseException as err:
+            shm.close_fd()
+            _unlink_quietly(posix_ipc.unlink_shared_memory, name)
+            if isinstance(err, OSError):
+                raise _shm_error(err, f"a {_mib(size)} region") from err
+            raise
+        return name, shm
+    raise AsirtError(f"could not create a shared-memory segment in {_CREATE_TRIES} tries "
+                     f"(names taken, or reclaimed as they were made); run again")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _shm_error(err: OSError, what: str) -> ShmUnavailable:
+    """Why /dev/shm cannot hold ``what`` (a region, a semaphore), and what to do about it."""
+    if err.errno in (errno.ENOSPC, errno.ENOMEM):
+        try:
+            vfs = os.statvfs(DEV_SHM)
+            room = (f" (size {_mib(vfs.f_blocks * vfs.f_frsize)}, "
+                    f"{_mib(vfs.f_bavail * vfs.f_frsize)} free)")
+        except OSError:
+            room = ""
+        return ShmUnavailable(DEV_SHM, f"has no room for {what}{room}",
+                              f"free it ('asirt cleanup'; see 'ls -la {DEV_SHM}') or, as root, "
+                              f"make it larger: mount -o remount,size=2G {DEV_SHM}")
+    if err.errno == errno.EROFS:
+        return ShmUnavailable(DEV_SHM, "is mounted read-only",
+                              f"as root, remount it writable: mount -o remount,rw {DEV_SHM}")
+    return ShmUnavailable(DEV_SHM, f"refused {what} ({err.strerror or err})",
+                          "it must be a tmpfs this user can create files in (mode drwxrwxrwt, "
+                          "like /tmp)")
+
+
 def _unlink_quietly(fn, name: str) -> None:
     try:
         fn(name)
     except posix_ipc.ExistentialError:
         pass
+
+
+def _map_validated(name: str, fd: int, writable: bool) -> tuple[mmap.mmap, list[PlannedSection]]:
+    """Map the open segment ``fd`` after checking the file, then validate its header."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise LayoutMismatch(name, "file type", "a regular file", stat.filemode(st.st_mode))
+    if st.st_uid != os.getuid():
+        raise LayoutMismatch(name, "owner uid", os.getuid(), st.st_uid)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise LayoutMismatch(name, "mode", "0o600", oct(stat.S_IMODE(st.st_mode)))
+    if st.st_size < HEADER_DTYPE.itemsize:
+        raise LayoutMismatch(name, "size", f">= {HEADER_DTYPE.itemsize}", st.st_size)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    mapping = mmap.mmap(fd, st.st_size, prot=prot)
+    try:
+        return mapping, _validate(name, mapping, st.st_size)
+    except BaseException:
+        mapping.close()
+        raise
 
 
 def _validate(name: str, mapping: mmap.mmap, size: int) -> list[PlannedSection]:
@@ -276,12 +372,14 @@ def _validate(name: str, mapping: mmap.mmap, size: int) -> list[PlannedSection]:
     n = int(h["nsections"])
     if n > MAX_SECTIONS:
         raise LayoutMismatch(name, "section count", f"<= {MAX_SECTIONS}", n)
-    wanted = []
+    wanted: list[Section] = []
     for entry in h["sections"][:n]:
         sname = bytes(entry["name"]).decode(errors="replace")
         dtype = section_dtype(sname)
         if dtype is None:
             raise LayoutMismatch(name, "section name", "a known section", sname)
+        if any(w.name == sname for w in wanted):
+            raise LayoutMismatch(name, f"section {sname}", "once in the table", "twice")
         if int(entry["itemsize"]) != dtype.itemsize:
             raise LayoutMismatch(name, f"section {sname} item size", dtype.itemsize,
                                  int(entry["itemsize"]))
@@ -300,16 +398,35 @@ def _validate(name: str, mapping: mmap.mmap, size: int) -> list[PlannedSection]:
 
 
 # -- leftovers ---------------------------------------------------------------------------
+class Status(enum.Enum):
+    ACTIVE = "active"       # its creator holds the lock: a run is using it
+    STALE = "stale"         # nobody holds the lock: its creator is gone; reclaim unlinks it
+    UNJUDGED = "unjudged"   # ours, but not a region of this layout (another asirt version, which
+                            # takes no lock, or not a region at all): only 'cleanup --all'
+    SKIPPED = "skipped"     # not ours to touch: not a regular file, another user's, unreadable
+
+
 class Leftover(NamedTuple):
-    path: str        # file under /dev/shm
-    ipc_name: str    # the POSIX name ("/asirt-...")
-    kind: str        # "segment" or "semaphore"
-    creator_pid: int
-    alive: bool
+    path: str             # the file under /dev/shm
+    ipc_name: str         # its POSIX name ("/asirt-...")
+    kind: str             # "segment" or "semaphore"
+    creator_pid: int      # from the name: for people, never for liveness
+    status: Status
+    why: str = ""         # what the status rests on, in words
+    removed: bool = False  # reclaim unlinked it
+
+    @property
+    def alive(self) -> bool:
+        """False only when its creator is known to be gone."""
+        return self.status is not Status.STALE
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (a zombie has finished for good)."""
+    """Whether process ``pid`` exists and is not a zombie (a zombie has finished for good).
+
+    For messages only: a pid may have been reused, or name a process of another PID
+    namespace; whether a region's creator lives is its lock's business (module docstring).
+    """
     if pid <= 0:
         return False
     try:
@@ -326,38 +443,215 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def list_leftovers(dev_shm: str = DEV_SHM) -> list[Leftover]:
-    """Every asirt segment or semaphore of this user, with whether its creator still runs."""
-    out = []
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device"
+
+
+def check_owned(st: os.stat_result) -> None:
+    """NotOurs unless ``st`` (an lstat or fstat) is a regular file of this user."""
+    if not stat.S_ISREG(st.st_mode):
+        raise NotOurs(f"{_file_kind(st.st_mode)}, not a file asirt makes; remove it by hand "
+                      f"if it is yours")
+    if st.st_uid != os.getuid():
+        raise NotOurs(f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
+
+
+@contextlib.contextmanager
+def creator_lock(path: str) -> Iterator[int | None]:
+    """Try to take the creator's lock on ``path`` exclusively, without waiting.
+
+    Yields the open descriptor, locked, when nobody holds the lock (its creator is gone; until
+    the block ends no creator can start on it either), None while a creator holds it. The
+    file is opened never through a link (O_NOFOLLOW) nor waiting on a FIFO (O_NONBLOCK), and
+    must be a regular file of this user (NotOurs says why not).
+    """
     try:
-        entries = os.listdir(dev_shm)
-    except FileNotFoundError:
-        return out
-    for entry in sorted(entries):
-        m = _LEFTOVER_RE.match(entry)
-        if not m:
-            continue
-        path = os.path.join(dev_shm, entry)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotOurs("a symbolic link, not a file asirt makes; remove it by hand if it "
+                          "is yours") from err
+        raise
+    try:
+        check_owned(os.fstat(fd))
         try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-        except FileNotFoundError:
-            continue
-        is_sem = m.group(1) is not None
-        ipc_name = "/" + (entry[len("sem."):] if is_sem else entry)
-        pid = int(m.group(2))
-        out.append(Leftover(path, ipc_name, "semaphore" if is_sem else "segment", pid,
-                            pid_alive(pid)))
-    return out
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+        else:
+            yield fd
+    finally:
+        os.close(fd)      # and with it the lock
 
 
-def reclaim(dev_shm: str = DEV_SHM, *, include_alive: bool = False) -> list[Leftover]:
-    """Unlink leftovers whose creator is dead (or all of ours, with include_alive)."""
-    done = []
+def _header_says(fd: int) -> tuple[Status, str]:
+    """What a segment nobody holds is, from its header (and its age, if it has none)."""
+    data = os.pread(fd, HEADER_DTYPE.itemsize, 0)
+    if not any(data):
+        if _young(os.fstat(fd)):
+            return Status.UNJUDGED, ("has no header yet: being made by an asirt that takes no "
+                                     "lock, or its creator has just died")
+        return Status.STALE, "its creator died while making it (no header)"
+    if len(data) < HEADER_DTYPE.itemsize:
+        return Status.UNJUDGED, "too short for a region header: not a region asirt made"
+    h = np.frombuffer(data, HEADER_DTYPE)[0]
+    if int(h["magic"]) != MAGIC:
+        return Status.UNJUDGED, "does not start with asirt's magic: not a region asirt made"
+    if int(h["version"]) != LAYOUT_VERSION:
+        return Status.UNJUDGED, (f"made by another asirt version (layout {int(h['version'])}, "
+                                 f"this one {LAYOUT_VERSION}), whose runs may take no lock, so "
+                                 "this one cannot tell whether it is in use")
+    return Status.STALE, "its creator is gone (nobody holds its lock)"
+
+
+Remove = Callable[[Status], bool]
+
+
+def _young(st: os.stat_result) -> bool:
+    return time.time() - st.st_ctime < _GRACE_S
+
+
+def _unlink(lo: Leftover, examined: os.stat_result) -> Leftover:
+    """Unlink ``lo.path`` if it is still the file that was examined."""
+    try:
+        now = os.lstat(lo.path)
+        if (now.st_dev, now.st_ino) != (examined.st_dev, examined.st_ino):
+            return lo._replace(status=Status.SKIPPED, why="replaced while it was examined")
+        os.unlink(lo.path)
+    except FileNotFoundError:
+        pass                    # gone meanwhile, as wanted
+    except OSError as err:
+        return lo._replace(why=f"{lo.why}; cannot unlink it ({err.strerror or err})")
+    return lo._replace(removed=True)
+
+
+def _examine(lo: Leftover, judge: Callable[[], Leftover]) -> Leftover | None:
+    """``judge()``, or what stopped it: None if the file vanished meanwhile, else ``lo``
+    saying why it was left alone."""
+    try:
+        return judge()
+    except FileNotFoundError:
+        return None
+    except NotOurs as err:
+        return lo._replace(why=err.why)
+    except OSError as err:
+        return lo._replace(why=f"cannot be examined ({err.strerror or err})")
+
+
+def _segment(dev_shm: str, entry: str, pid: int, remove: Remove) -> Leftover | None:
+    """Judge (and unlink, if ``remove`` says so) one segment; None if it vanished."""
+    path = os.path.join(dev_shm, entry)
+    lo = Leftover(path, "/" + entry, "segment", pid, Status.SKIPPED)
+
+    def judge() -> Leftover:
+        with creator_lock(path) as fd:
+            if fd is None:
+                return lo._replace(status=Status.ACTIVE, why="in use (its creator holds its lock)")
+            status, why = _header_says(fd)
+            judged = lo._replace(status=status, why=why)
+            return _unlink(judged, os.fstat(fd)) if remove(status) else judged   # still locked
+    return _examine(lo, judge)
+
+
+def _semaphore(dev_shm: str, entry: str, segment: str, pid: int,
+               remove: Remove) -> Leftover | None:
+    """Judge (and unlink) one semaphore: it is what its segment is, stale when that is gone."""
+    path = os.path.join(dev_shm, entry)
+    lo = Leftover(path, "/" + entry[len("sem."):], "semaphore", pid, Status.SKIPPED)
+
+    def judge() -> Leftover:
+        st = os.lstat(path)
+        check_owned(st)
+        seg = _segment(dev_shm, segment, pid, lambda status: False)
+        if seg is None and _young(st):
+            judged = lo._replace(status=Status.UNJUDGED, why=f"its segment /{segment} is gone, "
+                                 "just now: it may be being removed by an asirt that takes no lock")
+        elif seg is None or seg.status is Status.STALE:
+            judged = lo._replace(status=Status.STALE, why=f"its segment /{segment} is "
+                                 + ("gone" if seg is None else "stale"))
+        else:
+            judged = lo._replace(status=seg.status, why=f"its segment /{segment}: {seg.why}")
+        return _unlink(judged, st) if remove(judged.status) else judged
+    return _examine(lo, judge)
+
+
+def _scan(dev_shm: str, remove: Remove) -> list[Leftover]:
+    try:
+        entries = sorted(os.listdir(dev_shm))
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise ShmUnavailable(dev_shm, f"cannot be listed ({err.strerror or err})",
+                             "it must be a directory this user can read") from err
+    # Semaphores first, as Region.unlink does: each is judged by its segment, still there.
+    out: list[Leftover | None] = []
+    for entry in entries:
+        if m := SEMAPHORE_RE.fullmatch(entry):
+            out.append(_semaphore(dev_shm, entry, m.group(1), int(m.group(2)), remove))
+    for entry in entries:
+        if m := SEGMENT_RE.fullmatch(entry):
+            out.append(_segment(dev_shm, entry, int(m.group(1)), remove))
+    return [lo for lo in out if lo is not None]
+
+
+def list_leftovers(dev_shm: str = DEV_SHM) -> list[Leftover]:
+    """Every file under an asirt segment or semaphore name, each with its status and why."""
+    return _scan(dev_shm, lambda status: False)
+
+
+def reclaim(dev_shm: str = DEV_SHM, *, unjudged: bool = False) -> list[Leftover]:
+    """Unlink the stale segments and semaphores (and the unjudged ones too, with ``unjudged``:
+    only when no asirt run of any version is active). Returns every entry looked at, each
+    saying whether it was ``removed`` and, if not, why; an entry that cannot be examined or
+    unlinked is left with its reason, never raised."""
+    return _scan(dev_shm, lambda status: status is Status.STALE
+                 or (unjudged and status is Status.UNJUDGED))
+
+
+class ActiveRun(NamedTuple):
+    segment: str                # its POSIX name
+    creator_pid: int            # from the name: for people
+    cpus: tuple[int, ...]       # the CPUs of its slots
+
+
+def _slot_cpus(lo: Leftover) -> tuple[int, ...] | None:
+    """The CPUs in a segment's ``slots``, mapped read-only and validated; None if it does not
+    validate (another version, or a run between states)."""
+    try:
+        fd = os.open(lo.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        mapping, planned = _map_validated(lo.ipc_name, fd, writable=False)
+    except (AsirtError, OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    try:
+        slots = [p for p in planned if p.name == "slots"]
+        if not slots:
+            return ()
+        view = np.ndarray((slots[0].count,), slots[0].dtype, buffer=mapping,
+                          offset=slots[0].offset)
+        cpus = tuple(sorted({int(c) for c in view["cpu"]}))
+        del view
+        return cpus
+    finally:
+        mapping.close()
+
+
+def active_runs(dev_shm: str = DEV_SHM) -> list[ActiveRun]:
+    """The asirt runs of this user that are active now (their creator holds the lock), with
+    the CPUs they use. Call it before making a region of your own, or yours is listed too.
+    Best effort: a run between two entries has no region at that moment."""
+    out = []
     for lo in list_leftovers(dev_shm):
-        if lo.alive and not include_alive:
-            continue
-        fn = posix_ipc.unlink_semaphore if lo.kind == "semaphore" else posix_ipc.unlink_shared_memory
-        _unlink_quietly(fn, lo.ipc_name)
-        done.append(lo)
-    return done
+        if lo.kind == "segment" and lo.status is Status.ACTIVE:
+            cpus = _slot_cpus(lo)
+            if cpus is not None:
+                out.append(ActiveRun(lo.ipc_name, lo.creator_pid, cpus))
+    return out

@@ -19,7 +19,7 @@ def snapshot(dev_shm: str = DEV_SHM) -> set[str]:
 
 
 def leftovers_since(before: set[str], dev_shm: str = DEV_SHM) -> list[str]:
-    new = sorted(lo.path for lo in list_leftovers(dev_shm)
+    new = sorted(f"{lo.path} ({lo.status.value}: {lo.why})" for lo in list_leftovers(dev_shm)
                  if lo.path not in before and (lo.creator_pid == os.getpid() or not lo.alive))
     return [f"left in {dev_shm}: {', '.join(new)}"] if new else []
 

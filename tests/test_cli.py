@@ -186,7 +186,7 @@ class LongBench:
     def __init__(self, out, transport: str = "spin", duration: float = 20,
                  args: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asirt", "bench", "--duration", str(duration), "--no-floor",
+            [sys.executable, "-m", "asirt", "bench", "pingpong", "--duration", str(duration), "--no-floor",
              "--transport", transport, "--out", str(out), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.err_lines: list[str] = []
@@ -316,7 +316,7 @@ def test_kill_9_of_the_cli_kills_workers_and_next_run_reclaims(long_bench):
     res = asirt("cleanup")
     assert res.returncode == 0
     if left:
-        assert "unlinked segment" in res.stdout
+        assert "removed segment" in res.stdout
     run.assert_nothing_left()
 
 
