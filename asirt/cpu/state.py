@@ -22,7 +22,7 @@ every transition:
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from asirt.clock import now
 from shm_layout.counters import COUNTER
@@ -123,21 +123,58 @@ class State:
         else:
             self.set(mode, self.dom)
 
-    def stunned(self, acks: list[tuple[int, int]], park_word: int | None = None) -> None:
+    def stunned(self, acks: list[tuple[int, int]], park_word: int = -1) -> None:
         """H2 and H3 in one seqlock section: mode := STUNNED, *then* the acks ``(word,
         value)`` -- an ack must never be visible before the store of STUNNED (model/README.md).
-        ``park_word`` (naive's exposure window) gets the time between the two. Written as one
-        call because it is on the stun round trip's critical path."""
+        ``park_word`` (naive's exposure window; -1: none) gets the time between the two."""
         w = self.w
         s = self.mseq + 1
         w[self.i_mseq] = s
         w[self.i_mode] = STUNNED
-        if park_word is not None:
+        if park_word >= 0:
             w[park_word] = now()
         for i, g in acks:
             w[i] = g
         w[self.i_mseq] = s + 1
-        self.mseq = s + 1
+        self._stunned_after(s + 1)
+
+    def poll_stun1(self, gen: int, ack: int, acked: list[int], j: int, park_word: int,
+                   check_every: int, checkpoint: Callable[[], bool | None]) -> bool | None:
+        """A guest's wait for one sibling's stun request, H2 and H3 written out (the stun round
+        trip's critical path: nothing between seeing the request and its ack). A request of
+        lane ``j`` is pending when its generation (word ``gen``) is odd and not ``acked[j]``;
+        then mode := STUNNED, ``park_word`` (-1: none) := now, ack (word ``ack``) := it, and
+        True: the caller runs P1/P2. Every ``check_every`` polls ``checkpoint()``; what it
+        returns other than None ends the wait (False: still in GUEST). The same stores, in the
+        same order, as :meth:`stunned` (tests/test_state.py checks the two agree)."""
+        w, im, imode = self.w, self.i_mseq, self.i_mode
+        s0 = acked[j]          # an odd generation we have not acked differs from it: pending
+        n = 0
+        while True:
+            g = w[gen]
+            if g != s0:
+                if g & 1 and g != acked[j]:
+                    acked[j] = g
+                    s = self.mseq + 1
+                    w[im] = s
+                    w[imode] = STUNNED
+                    if park_word >= 0:
+                        w[park_word] = now()
+                    w[ack] = g
+                    w[im] = s + 1
+                    self._stunned_after(s + 1)
+                    return True
+                s0 = g
+            n += 1
+            if n >= check_every:
+                n = 0
+                r = checkpoint()
+                if r is not None:
+                    return r
+
+    def _stunned_after(self, mseq: int) -> None:
+        """The bookkeeping of a park, after the stores the siblings wait for."""
+        self.mseq = mseq
         self.mode = STUNNED
         old = self.period
         if old >= 0:

@@ -84,7 +84,8 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     nv = sum(len(c) for c in core_cpus)
     per_worker = math.ceil(transitions / nv) if transitions is not None else 0
     params = StressParams(
-        CpuParams(transport=transport, check=check, check_fence=check_fence),
+        CpuParams(transport=transport, check=check, check_fence=check_fence,
+                  domains=ndomains),
         protocol, barrier, seed, (delay_params or DelayParams()) if delays else None,
         per_worker, ndomains)
     last = len(core_cpus[0]) - 1                 # the victim: the first core's last lane

@@ -162,7 +162,7 @@ class RendezvousBarrier:
         wi = cpu.region.word_index
         self.i_epoch = wi("core_sync", cpu.core, "rv_epoch")
         self.i_arrived = wi("core_sync", cpu.core, "rv_arrived")
-        self.i_dom = wi("core_sync", cpu.core, "rv_dom")
+        self.i_rv_dom = wi("core_sync", cpu.core, "rv_dom")
         self.i_rounds = wi("core_sync", cpu.core, "rv_rounds")
         self.bit = 1 << cpu.lane
 
@@ -214,8 +214,8 @@ class RendezvousBarrier:
                 return r
             arrived = w[self.i_arrived]
             if arrived & ~self.bit == 0:
-                w[self.i_dom] = cpu.state.dom
-            elif w[self.i_dom] != cpu.state.dom:
+                w[self.i_rv_dom] = cpu.state.dom
+            elif w[self.i_rv_dom] != cpu.state.dom:
                 self.lock.release()
                 w[cpu.cnt + _C["dom"]] += 1
                 return Result.DOMAIN

@@ -47,32 +47,19 @@ def _checkpoint(stun: Stun, until: Callable[[], bool], yield_too: bool) -> Calla
 def guest_poll(stun: Stun, until: Callable[[], bool], check_every: int = GUEST_CHECK_EVERY) -> bool:
     """Run guest code in GUEST, polling the siblings' generations at every safe point."""
     cpu = stun.cpu
-    w = cpu.w
     checkpoint = _checkpoint(stun, until, cpu.waiter.limit < check_every)
     live = cpu.live
     n = 0
     if len(live) == 1 and cpu.dl is None:
-        # One sibling, no injected delays (the benchmark): H2 and H3 inline up to the state
-        # writer's one call, since the steps between seeing the request and acking it are the
-        # round trip.
+        # One sibling, no injected delays (the benchmark): the state writer's own wait, with
+        # H2 and H3 written out, since the steps between seeing the request and acking it are
+        # the round trip.
         j = live[0]
-        gi, ia = stun.s_gen[j], stun.my_ack_of[j]
-        acked = stun.acked
-        s0 = acked[j]            # an odd generation we have not acked differs from it: pending
-        while True:
-            g = w[gi]
-            if g != s0:
-                if g & 1 and g != acked[j]:
-                    acked[j] = g
-                    stun.parked([(ia, g)])
-                    return True
-                s0 = g
-            n += 1
-            if n >= check_every:
-                n = 0
-                r = checkpoint()
-                if r is not None:
-                    return r
+        r = cpu.state.poll_stun1(stun.s_gen[j], stun.my_ack_of[j], stun.acked, j, stun.park1,
+                                 check_every, checkpoint)
+        if r is True:
+            stun.after_park(1)                       # P1, P2
+        return bool(r)
     while True:
         if stun.answer():
             return True

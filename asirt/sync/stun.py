@@ -103,6 +103,10 @@ class Stun:
         self.acked = [w[i] for i in self.my_ack_of]
         self.index = cpu.safepoint.register(self.answer)
         self.others = len(cpu.sibs) > 1
+        #: the IPI delivery, bound once (None for spin: nothing is sent)
+        self.deliver = cpu.transport.deliver if cpu.transport.kind != "spin" else None
+        self.park1 = -1 if self.strict else self.i_park
+        self.limit = cpu.waiter.limit
         #: optional histogram recorders (asirt.histogram.recorder), set by the worker
         self.rec_resume: Callable[[int], None] | None = None
         self.rec_exposure: Callable[[int], None] | None = None
@@ -169,11 +173,15 @@ class Stun:
 
     def parked(self, acks: list[tuple[int, int]]) -> None:
         """H2+H3 (the state writer stores STUNNED, then these acks), then P1 and P2."""
+        self.cpu.state.stunned(acks, self.park1)
+        self.after_park(len(acks))
+
+    def after_park(self, nack: int) -> None:
+        """P1 and P2, once STUNNED and acked."""
         cpu, w = self.cpu, self.w
-        cpu.state.stunned(acks, None if self.strict else self.i_park)
         t_park = now()
         w[self.c["parks"]] += 1
-        w[self.c["acks"]] += len(acks)
+        w[self.c["acks"]] += nack
         if cpu.dl:
             cpu.dl()
         stopped = self._wait_released()
@@ -232,8 +240,24 @@ class Stun:
         g = self.g + 1
         self.g = g
         w[self.i_gen] = g                                               # R1
-        self.cpu.transport.deliver(self.cpu.live)
+        if self.deliver is not None:
+            self.deliver(self.cpu.live)
         if not self.strict:
+            return True
+        live = self.cpu.live
+        if len(live) == 1 and self.cpu.dl is None:
+            # R2 for one sibling, inline (a call here is paid on every round trip): poll its
+            # ack of g, acking its own request meanwhile; the general loop takes the slow path
+            j = live[0]
+            ia, gk, acked = self.s_ack_me[j], self.s_gen[j], self.acked
+            n, limit = 0, self.limit
+            while w[ia] != g:
+                x = w[gk]
+                if x & 1 and x != acked[j]:
+                    self.ack_pending()
+                n += 1
+                if n >= limit:
+                    return self.wait_acks()
             return True
         return self.wait_acks()
 
