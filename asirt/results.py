@@ -215,11 +215,18 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(scenarios: list[dict[str, Any]]) -> str:
-    """A fixed-width table of every metric of every entry (from result.json's ``scenarios``).
+    """A fixed-width table of every metric of every entry (from result.json's ``scenarios``);
+    the ``kvm`` entries as the strategy comparison (asirt.comparison).
 
     ``x ref`` is the entry's first metric's p50 over its reference's p50: the C cache-line
     floor (pingpong, stun over spin) or the raw pingpong of the same transport (stun).
     """
+    kvm = [s for s in scenarios if s.get("scenario") == "kvm" and "kvm" in s]
+    others = [s for s in scenarios if not (s.get("scenario") == "kvm" and "kvm" in s)]
+    if kvm:
+        from asirt.comparison import format_strategies
+        text = format_strategies(kvm)
+        return text + ("\n\n" + format_table(others) if others else "")
     head = ["scenario", "strategy", "transport", "cpus", "metric", "count", "p50", "p90", "p99",
             "p99.9", "max", "x ref"]
     rows = []

@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kvm", ("asirt.kvm",)),
     ("workers", ("workers",)),
     ("parent", ("asirt.scenarios", "asirt.orchestrator", "asirt.results", "asirt.plot",
-                "asirt.cfloor", "asirt.kvmfloor", "asirt.model", "asirt.cli", "asirt.__main__")),
+                "asirt.cfloor", "asirt.kvmfloor", "asirt.comparison", "asirt.model", "asirt.cli",
+                "asirt.__main__")),
     ("package", ("asirt",)),        # asirt/__init__.py itself: the base exception only
 ]
 #: what each layer may import, besides itself (mm and sync are peers: never each other)
