@@ -21,9 +21,16 @@ import pytest
 from asirt import cpu as cpu_layer
 from asirt import mm, sync
 from asirt.cpu import ASI, IDLE, Cpu
+from asirt.kvm import profile as profiles
+from asirt.kvm import strategy
+from asirt.kvm import vms as vm_memory
+from asirt.kvm.backend import EmulatedGuest
+from asirt.kvm.loop import VcpuLoop
+from asirt.kvm.vms import Memory
 from asirt.mm.asi import Asi
 from asirt.mm.spaces import AddressSpaces
-from asirt.params import CpuParams
+from asirt.params import CpuParams, KvmParams
+from asirt.sync.barrier import SpinBarrier
 from asirt.sync.stun import Stun
 from asirt.topology import Topology, read_topology, select_topology
 from shm_layout import Region, Section
@@ -46,14 +53,18 @@ test_topology.__test__ = False  # type: ignore[attr-defined]  # not a test
 
 @contextlib.contextmanager
 def cpu_region(n: int = 2, ncores: int = 1, asi: bool = False, frames: int = 64,
-               tables: int = 64, pids: list[int] | None = None) -> Iterator[Region]:
+               tables: int = 64, pids: list[int] | None = None,
+               vms: int = 0) -> Iterator[Region]:
     """A region for ``ncores`` cores of ``n`` lanes (slot = core * n + lane); unlinked on exit.
-    Every slot's pid is this process's unless ``pids`` says otherwise."""
+    Every slot's pid is this process's unless ``pids`` says otherwise. ``vms``: the KVM
+    workload's memory for that many VMs (asirt.kvm.vms) instead of bare address spaces."""
     total = n * ncores
     secs = [Section("slots", total), Section("cores", ncores), Section("metrics", 1),
             Section("hist", total), *cpu_layer.sections(total, ncores),
             *sync.sections(total, ncores)]
-    if asi:
+    if vms:
+        secs += vm_memory.sections(total, vms)
+    elif asi:
         secs += mm.sections(total, frames, tables)
     r = Region.create(secs)
     try:
@@ -69,7 +80,9 @@ def cpu_region(n: int = 2, ncores: int = 1, asi: bool = False, frames: int = 64,
             rec[k]["cpus"][:len(c)] = c
         cpu_layer.setup(r)
         sync.setup(r, cores)
-        if asi:
+        if vms:
+            vm_memory.setup(r, vms)
+        elif asi:
             mm.setup(r)
         yield r
     finally:
@@ -110,6 +123,29 @@ def asi_handles(region: Region, *slots: int) -> Iterator[list[Asi]]:
         for a in out:
             a.close()
             a.cpu.close()
+
+
+def make_loops(region: Region, n: int, strategy_name: str, vms: int = 1,
+               profile: str = "io-heavy", params: CpuParams = FAST,
+               rec: dict | None = None, **knobs) -> list[VcpuLoop]:
+    """A vCPU loop (asirt.kvm.loop) on each of lanes 0..n-1 of core 0 of a region made with
+    ``cpu_region(n, vms=...)``, on started CPUs in IDLE, with the emulated guest; ``knobs``:
+    KvmParams fields. ``rec``: metric -> recorder (default: none recorded)."""
+    out = []
+    for cpu in make_cpus(region, n, params, domain=0):
+        stun = Stun(cpu, "strict")
+        asi = Asi(region, cpu)
+        p = KvmParams(cpu=params, strategy=strategy_name, vms=vms, **knobs)
+        out.append(VcpuLoop(stun, asi, strategy.get(strategy_name), p, profiles.load(profile),
+                            Memory.find(asi, vms), EmulatedGuest(stun),
+                            SpinBarrier(stun, None), None, rec or {}))
+    return out
+
+
+def close_loops(loops: list) -> None:
+    for lp in loops:
+        lp.asi.close()
+        lp.cpu.close()
 
 
 def counter(cpu: Cpu, name: str) -> int:

@@ -10,7 +10,8 @@ Per cycle (one VM exit and entry):
 3. VM exit, with the drawn reason: to ASI(d) or HOST as the strategy says; ``always`` (and ASI
    with ``stun_at=exit``) stuns the siblings here.
 4. Exit handling: the reason's memory -- a global page, the VM's own local page, a host secret
-   -- with the reason's probabilities, and a speculative gadget with probability ``gadgets``;
+   -- with the reason's probabilities, and a speculative gadget with probability ``gadgets``
+   (the loads of global and local memory and the gadget are part of the handler's time);
    in a restricted tree a secret faults out (asi_exit: the KVM class's exit hook stuns the
    siblings), ``kcs`` untags (stuns) around it. Then the reason's handler time: work (answering
    at the safe point), or for HLT the vCPU halts (the lane idles that long). With probability
@@ -88,7 +89,12 @@ class VcpuLoop:
         self.mem, self.backend, self.barrier, self.cs = mem, backend, barrier, cs
         self.c = {k: cpu.cnt + v for k, v in _K.items()}
         self.c_wait = cpu.c("stun.wait_ns")
+        # time other parts count, taken out of what they happen inside (the time breakdown)
+        self.c_parked, self.c_sample = cpu.c("stun.parked_ns"), cpu.c("check.sample_ns")
+        self.c_flush_ns, self.c_check_ns = cpu.c("buffer.flush_ns"), cpu.c("check.ns")
         self.c_entry_flush = cpu.c("barrier.flushes")
+        self.c_flushes = cpu.c("buffer.flushes")        # every flush, whoever asked
+        self.flushes_seen = -1          # buffer.flushes at the last VM entry
         none = lambda v: None  # noqa: E731 - a metric this run does not record
         self.rec_exit = rec.get("exit_handling") or none
         self.rec_stun = rec.get("stun_roundtrip") or none
@@ -158,10 +164,11 @@ class VcpuLoop:
         i = self.i
         self.i = i + 1 if i + 1 < len(self.interval) else 0
         interval, reason = self.interval[i], self.reason[i]
+        before = w[self.c_parked] + w[self.c_sample]
         t0 = now()
         parked = self.backend.run(interval, reason)
         t_exit = now()
-        w[c["guest_ns"]] += t_exit - t0
+        w[c["guest_ns"]] += t_exit - t0 - (w[self.c_parked] + w[self.c_sample] - before)
         w[c["cycles"]] += 1
         if parked:                             # a sibling's stun ended the slice: back in ASI,
             w[c["kicked"]] += 1                # and the next entry goes through the barrier
@@ -182,16 +189,23 @@ class VcpuLoop:
             if state.mode == HOST:
                 self.stun.leave_host()
             self._release()
-        elif state.mode == HOST:
-            state.set(ASI, state.dom)          # the unrestricted kernel's period ends
+        elif state.mode == HOST and (st.barrier or st.flush_tainted):
+            state.set(ASI, state.dom)          # the kernel's period ends before a flush
+        if st.flush_every_entry and self.w[self.c_flushes] == self.flushes_seen:
+            state.flush(self.c_entry_flush)    # no flush since the last entry: one now
         if st.barrier:
+            w = self.w
+            before = w[self.c_flush_ns] + w[self.c_check_ns] + w[self.c_parked]
             t0 = now()
             r = self.barrier.enter(deadline - t0 if deadline > t0 else 1)
-            self.w[self.c["barrier_ns"]] += now() - t0
+            w[self.c["barrier_ns"]] += (now() - t0 - (w[self.c_flush_ns] + w[self.c_check_ns]
+                                                      + w[self.c_parked] - before))
+            self.flushes_seen = w[self.c_flushes]
             return r
         if st.flush_tainted and state.needs_flush(state.dom):
             state.flush(self.c_entry_flush)
         state.enter_guest()
+        self.flushes_seen = self.w[self.c_flushes]
         return Result.OK
 
     def _exit(self) -> None:
@@ -219,27 +233,31 @@ class VcpuLoop:
         rng = self.rng
         if self.intr[reason] and st.restricted:
             asi.asi_exit()                     # leave ASI explicitly at interrupt entry
+        t0 = now()                             # the handler's own loads are its work
         if g:
             asi.access(rng.choice(mem.globals))
         if l:
             asi.access(rng.choice(mem.local[self.state.dom]))
         if gadget:
             asi.touch(rng.choice(mem.secrets))  # speculative: loads only what is mapped
+        plain = now() - t0
+        self.w[self.c["handler_ns"]] += plain
+        handler -= plain
         if s:
             self._sensitive(rng.choice(mem.secrets))
         if to_user:
             self.w[self.c["to_user"]] += 1
             self._leave_for_host()             # the VMM in user space: out of ASI
         if self.halts[reason]:
-            self._halt(handler)
-        else:
+            self._halt(max(handler, 0))
+        elif handler > 0:
             self._work(handler)
         if st.restricted:
             if asi.current == 0:
                 asi.asi_enter(self.mem.instance[self.state.dom])   # flush, unstun (hooks)
             if not self.left:
                 self.w[self.c["exits_restricted"]] += 1
-        return handler
+        return self.handler[i]
 
     def _sensitive(self, va: int) -> None:
         """A known sensitive access: a fault out of ASI, an untag (kcs), or just the load."""
@@ -464,19 +482,16 @@ class VcpuLoop:
                 state.set(ASI, d)
 
     def stop(self) -> None:
-        """Leave the core cleanly: released, out of GUEST, idle (no stun on the way out: the
-        hooks come off first)."""
+        """Leave the core cleanly: out of GUEST, out of HOST and released, idle. Never into
+        HOST on the way out: the run is stopping, so no new stun can be had, and a sibling
+        may still be in GUEST (the hooks come off first, so nothing asks for one)."""
         state = self.state
         if self.strat.restricted:
             self.asi.set_hooks(AsiClassId.KVM)
         if state.mode == GUEST:
-            state.exit_guest(ASI if self.strat.exit_in_asi else HOST)
+            state.exit_guest(ASI)
         if self.stun_held:
             if state.mode == HOST:
                 self.stun.leave_host()
             self._release()
-        self.asi.offline()
-        if state.mode != IDLE:
-            if state.mode != HOST:
-                state.enter_host()
-            state.set(IDLE, 0)
+        self.asi.offline()                     # ASI or HOST -> IDLE

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from typing import NamedTuple
 
-from asirt.cpu import ASI, HOST, Cpu
+from asirt.cpu import ASI, HOST, IDLE, Cpu
 from asirt.errors import AsirtError
 from asirt.fence import fence
 from asirt.mm.pagetable import LOCK_TIMEOUT_S, PFN_MASK, PFN_SHIFT, LockTimeout
@@ -102,9 +102,18 @@ class Asi(AddressSpaces):
         q[r + _C["online"]] = 1
 
     def offline(self) -> None:
-        """Stop driving this CPU (before the worker exits): nobody waits for it any more."""
-        self.asi_relinquish()
-        self.q[self.rec + _C["online"]] = 0
+        """Stop driving this CPU (before the worker exits): it goes idle and drops its
+        instance; nobody waits for it any more. Straight to IDLE, never through HOST: a CPU on
+        its way out holds no stun, and a sibling may still be in GUEST (S1)."""
+        state = self.state
+        if state.mode != IDLE:
+            state.set(IDLE, 0)
+        q = self.q
+        if q[self._cur]:
+            q[self._cur] = 0
+            self.tlb.switch_full()
+        q[self._tgt] = 0
+        q[self.rec + _C["online"]] = 0
 
     @property
     def current(self) -> int:

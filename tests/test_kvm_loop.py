@@ -1,0 +1,134 @@
+"""The vCPU loop (asirt.kvm.loop) in-process: what one lane does per cycle under each
+strategy, and how it leaves the core. The comparison across processes is test_kvm.py's."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from asirt.cpu import ASI, GUEST, HOST, IDLE
+from asirt.kvm import strategy
+from tests.fixtures import close_loops, counter, cpu_region, make_loops, mode_of
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run(loop, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    loop.start()
+    loop.run(lambda: time.monotonic() > end)
+
+
+@pytest.mark.parametrize("name", strategy.NAMES)
+def test_stop_never_enters_host(name):
+    """The way out goes to IDLE without HOST: the run is stopping, no stun can be had, and a
+    sibling may still be in GUEST (it did: S1 and a host-data leak at the end of a run)."""
+    with cpu_region(2, vms=1) as r:
+        loops = make_loops(r, 2, name)
+        try:
+            a, b = loops
+            sib = b.state
+            sib.set(ASI, 1)
+            sib.enter_guest()                     # the sibling is still in its guest slice
+            st = a.state
+            st.set(ASI, 1)
+            st.enter_guest()
+            hosts = counter(a.cpu, "cpu.host_entries")
+            a.stop()
+            assert mode_of(a.cpu) == IDLE
+            assert counter(a.cpu, "cpu.host_entries") == hosts
+            assert counter(b.cpu, "check.s1") == counter(a.cpu, "check.s1") == 0
+        finally:
+            close_loops(loops)
+
+
+def test_stop_from_host_releases_the_stun_first():
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "always")
+        try:
+            lp.start()                            # HOST, its stun held
+            assert mode_of(lp.cpu) == HOST and lp.stun_held
+            lp.stop()
+            assert mode_of(lp.cpu) == IDLE and not lp.stun_held
+            assert lp.stun.g % 2 == 0              # released
+        finally:
+            close_loops([lp])
+
+
+def test_always_stuns_every_exit_and_flushes_every_entry():
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "always", tick_ms=50.0, host_share=0.0)
+        try:
+            _run(lp, 0.3)
+            lp.stop()
+            c = lp.cpu
+            exits = counter(c, "kvm.exits")
+            assert exits > 50
+            # every exit stuns (the start's request and the halts' wake-ups stun too)
+            assert counter(c, "stun.requests") >= exits
+            assert counter(c, "buffer.flushes") >= counter(c, "cpu.guest_entries")
+        finally:
+            close_loops([lp])
+
+
+def test_none_never_stuns_nor_flushes():
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "none")
+        try:
+            _run(lp, 0.2)
+            lp.stop()
+            c = lp.cpu
+            assert counter(c, "kvm.exits") > 20
+            assert counter(c, "stun.requests") == counter(c, "buffer.flushes") == 0
+            assert counter(c, "check.s3") > 0     # the host's data is there at every entry
+        finally:
+            close_loops([lp])
+
+
+def test_asi_handles_exits_restricted_and_stuns_only_when_it_leaves():
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "asi", profile="io-heavy", host_share=0.0, tick_ms=100.0)
+        try:
+            _run(lp, 0.3)
+            lp.stop()
+            c = lp.cpu
+            exits, restricted = counter(c, "kvm.exits"), counter(c, "kvm.exits_restricted")
+            assert 0 < restricted < exits
+            left = exits - restricted
+            # a stun per exit that left the restricted space, plus the start and the halts'
+            # way back through the kernel (a wake-up is kernel work)
+            assert left <= counter(c, "stun.requests") <= left + counter(c, "kvm.halts") + 2
+            assert counter(c, "asi.faults") > 0
+        finally:
+            close_loops([lp])
+
+
+def test_gadgets_load_secrets_only_in_the_full_address_space():
+    for name, hits in (("kcs", True), ("asi", False)):
+        with cpu_region(1, vms=1) as r:
+            (lp,) = make_loops(r, 1, name, gadgets=1.0, host_share=0.0)
+            try:
+                _run(lp, 0.15)
+                lp.stop()
+                c = lp.cpu
+                assert counter(c, "asi.gadgets") > 10
+                assert (counter(c, "asi.gadget_hits") > 0) == hits, name
+            finally:
+                close_loops([lp])
+
+
+def test_cycle_overhead_excludes_the_drawn_work():
+    """vm_cycle_overhead: exit to exit minus the drawn guest interval and handler time."""
+    got: list[int] = []
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "none", profile="cpu-bound", host_share=0.0, tick_ms=200.0,
+                           rec={"vm_cycle_overhead": got.append})
+        try:
+            _run(lp, 0.4)
+            lp.stop()
+        finally:
+            close_loops([lp])
+    assert len(got) > 5
+    got.sort()
+    # cpu-bound draws intervals of ~0.9 ms on average: the overhead is a small part of that
+    assert 0 < got[len(got) // 2] < 200_000
