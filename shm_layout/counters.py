@@ -27,6 +27,7 @@ COUNTERS = (
     "check.s2",
     "check.s3",
     "check.samples",        # buffer samples taken by this CPU's guest
+    "check.sample_ns",      # ... and the time they took
     "check.leaks",          # foreign tokens those samples saw
     "check.leak_host",      # ... of them host (sensitive) data
     "check.leak_domain",    # ... of them another domain's local data

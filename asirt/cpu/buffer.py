@@ -93,8 +93,9 @@ class CoreBuffer:
         l1d = w[region.word_index("core_buf", core, "l1d_bytes")] or DEFAULT_L1D
         self.l1d_bytes = l1d
         self._evict = np.zeros(l1d // 8, np.int64)   # one L1D of this process's own memory
+        self._plans: dict[tuple[int, int], list] = {}  # dirty_for's reads, per domain
         self._seen_head = [0] * n                     # incremental sampling (see new_leaks)
-        self._seen_open = [-1] * n                    # the open_seq last reported, per lane
+        self._seen_open = [0] * n                     # the open period last reported, per lane
 
     # -- writing (this lane) ---------------------------------------------------------------
     def deposit(self, token: int) -> None:
@@ -117,8 +118,23 @@ class CoreBuffer:
 
     def open_period(self, domain: int) -> None:
         """A mode period of ``domain`` (0: HOST) starts: its token carries its number here, so
-        the token it leaves when it ends is known as the one it showed while open."""
-        self.open(PERIOD_BASE[domain] | ((self.oseq + 1) & _SEQ))
+        the token it leaves when it ends is known as the one it showed while open. The same
+        stores as :meth:`open`, written out: it runs at every mode change."""
+        w = self.w
+        tok = self.open_tok
+        if tok:                                  # deposit(tok), which ends the period
+            h = self.head
+            w[self.i_ring + (h & _MASK)] = tok
+            w[self.i_last + (0 if tok >> CLASS_SHIFT == _SENS else
+                             (tok >> FRAME_BITS) & OWNER_MASK)] = h + 1
+            self.head = h + 1
+            w[self.i_head] = h + 1
+        seq = self.oseq + 1
+        self.oseq = seq
+        w[self.i_oseq] = seq
+        tok = PERIOD_BASE[domain] | (seq & _SEQ)
+        self.open_tok = tok
+        w[self.i_open] = tok
 
     def close(self) -> None:
         """The open mode period ends: what it loaded stays in the buffer until a flush."""
@@ -164,7 +180,13 @@ class CoreBuffer:
         is clean for it. ``classes``: only classes below it are in use (a shortcut). Written
         out flat: it runs at every VM entry (the S3 assertion)."""
         w = self.w
-        for s, i_head, i_open, i_oseq, marks, covers, last, ring in self._reads:
+        plan = self._plans.get((domain, classes))
+        if plan is None:        # per lane: what to read, and the class summaries d may not see
+            plan = self._plans[(domain, classes)] = [
+                (s, i_head, i_open, i_oseq, marks, covers, ring,
+                 tuple(last + c for c in range(classes) if c == 0 or c != domain))
+                for s, i_head, i_open, i_oseq, marks, covers, last, ring in self._reads]
+        for s, i_head, i_open, i_oseq, marks, covers, ring, foreign in plan:
             tok = w[i_open]
             if tok and is_leak(tok, domain):
                 seq = w[i_oseq]
@@ -178,11 +200,10 @@ class CoreBuffer:
                 m = w[i]
                 if m > lo:
                     lo = m
-            for c in range(classes):
-                if c == 0 or c != domain:
-                    n = w[last + c]
-                    if n > lo:
-                        return Seen(s, w[ring + ((n - 1) & _MASK)])
+            for i in foreign:
+                n = w[i]
+                if n > lo:
+                    return Seen(s, w[ring + ((n - 1) & _MASK)])
         return None
 
     def visible(self) -> list[Seen]:
@@ -207,26 +228,37 @@ class CoreBuffer:
         """Like :meth:`leaks`, but each deposit and each period is reported once: only what
         became visible since this reader's last call (a period seen while open is not counted
         again for the token it leaves when it ends). What a guest's repeated sampling counts:
-        a leak per thing seen, not per look at it."""
+        a leak per thing seen, not per look at it. Written out flat, a lane with nothing new
+        costs two loads: it runs at the end of every guest slice."""
         w, out = self.w, []
-        for s in range(self.nlanes):
-            lane = self.lanes[s]
-            head = w[lane + _HEAD]
-            lo = max(self._low(s), self._seen_head[s])
-            self._seen_head[s] = head
-            ring = lane + _RING
-            reported = self._seen_open[s]
-            reported = reported & _SEQ if reported >= 0 else -1
-            for n in range(lo, head):
-                tok = w[ring + (n & _MASK)]
-                if tok and is_leak(tok, domain) and not (tok & PERIOD_BIT and
-                                                         tok & _SEQ == reported):
-                    out.append(Seen(s, tok))
-            tok = self._open_visible(s)
-            if tok:
-                seq = w[lane + _OSEQ]
-                if seq != self._seen_open[s]:
-                    self._seen_open[s] = seq
+        seen_head, seen_open = self._seen_head, self._seen_open
+        for s, i_head, i_open, i_oseq, marks, covers, _, ring in self._reads:
+            head = w[i_head]
+            lo = seen_head[s]
+            if head != lo:
+                seen_head[s] = head
+                if head - RING > lo:
+                    lo = head - RING
+                for i in marks:
+                    m = w[i]
+                    if m > lo:
+                        lo = m
+                reported = seen_open[s]          # its period, ended now: not again
+                for n in range(lo, head):
+                    tok = w[ring + (n & _MASK)]
+                    if tok and tok != reported and is_leak(tok, domain):
+                        out.append(Seen(s, tok))
+            # The open period (a period's token carries its number: open_period). Read
+            # between an open()'s two stores, the token is the ended period's and the number
+            # the new one's: it is reported as visible, which it is (it went into the ring).
+            tok = w[i_open]
+            if tok and tok != seen_open[s]:
+                seq = w[i_oseq]
+                for i in covers:
+                    if w[i] == seq:
+                        break
+                else:
+                    seen_open[s] = tok
                     if is_leak(tok, domain):
                         out.append(Seen(s, tok))
         return out

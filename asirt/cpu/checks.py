@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["EventRing", "TransitionChecker", "Monitor", "sample_leaks", "SEQLOCK_RETRIES"]
 
 _EV_WORDS = EVENT_DTYPE.itemsize // 8
+_EV_MASK = EVENTS - 1
+assert EVENTS & _EV_MASK == 0 and _EV_WORDS == 8
+_S3, _LEAK = int(EventKind.S3), int(EventKind.LEAK)
+_TRANSITION, _BUFFER = int(Source.TRANSITION), int(Source.BUFFER)
 HOST, ASI, GUEST = int(Mode.HOST), int(Mode.ASI), int(Mode.GUEST)
 #: reads of a sibling's seqlock before a checker gives up on a consistent (mode, domain)
 SEQLOCK_RETRIES = 16
@@ -67,11 +71,13 @@ class EventRing:
 
     def emit(self, kind: int, source: int, other: int = -1, a: int = 0, b: int = 0,
              c: int = 0) -> None:
+        """One event (``kind``, ``source``: EventKind and Source values, as plain ints on the
+        hot paths: an IntEnum costs a conversion per store)."""
         w = self.w
         h = w[self.head]
-        i = self.base + (h % EVENTS) * _EV_WORDS
-        w[i], w[i + 1], w[i + 2], w[i + 3] = now(), int(kind), self.slot, other
-        w[i + 4], w[i + 5], w[i + 6], w[i + 7] = int(source), a, b, c
+        i = self.base + (h & _EV_MASK) * _EV_WORDS
+        w[i], w[i + 1], w[i + 2], w[i + 3] = now(), kind, self.slot, other
+        w[i + 4], w[i + 5], w[i + 6], w[i + 7] = source, a, b, c
         w[self.head] = h + 1
 
 
@@ -85,6 +91,7 @@ class TransitionChecker:
         self.c_checks, self.c_ns = c + COUNTER["check.checks"], c + COUNTER["check.ns"]
         self.c_v = {EventKind.S1: c + COUNTER["check.s1"], EventKind.S2: c + COUNTER["check.s2"],
                     EventKind.S3: c + COUNTER["check.s3"]}
+        self.c_s3 = self.c_v[EventKind.S3]
         self.sibs = [(j, cpu.s_mode[j], cpu.s_dom[j], cpu.s_mseq[j]) for j in cpu.sibs]
         self.classes = min(cpu.params.domains, MAX_DOMAINS) + 1
 
@@ -93,7 +100,7 @@ class TransitionChecker:
         if not cpu.counts(j):
             return
         self.w[self.c_v[kind]] += 1
-        cpu.events.emit(kind, Source.TRANSITION, cpu.slot_of[j], a, b, c)
+        cpu.events.emit(int(kind), _TRANSITION, cpu.slot_of[j], a, b, c)
 
     def _consistent(self, iq: int, im: int, idom: int) -> tuple[int, int] | None:
         """A sibling's (mode, domain) read under its seqlock: a pair that held at one instant
@@ -132,8 +139,8 @@ class TransitionChecker:
         dirty = self.cpu.buffer.dirty_for(d, self.classes)
         if dirty is not None:
             # S3 is about the buffer, not a sibling: reported whoever left the token
-            self.w[self.c_v[EventKind.S3]] += 1
-            self.cpu.events.emit(EventKind.S3, Source.TRANSITION, self.cpu.slot_of[dirty.lane],
+            self.w[self.c_s3] += 1
+            self.cpu.events.emit(_S3, _TRANSITION, self.cpu.slot_of[dirty.lane],
                                  dirty.lane, dirty.token, d)
         w = self.w
         w[self.c_checks] += 1
@@ -158,22 +165,28 @@ class TransitionChecker:
         w[self.c_ns] += now() - t0
 
 
+_C_SAMPLES, _C_LEAKS = COUNTER["check.samples"], COUNTER["check.leaks"]
+_C_HOST, _C_DOMAIN = COUNTER["check.leak_host"], COUNTER["check.leak_domain"]
+
+
 def sample_leaks(cpu: "Cpu") -> int:
     """Checker (c): while in GUEST(d), look at the core buffer as the guest would; count each
     token d may not see (each deposit, each open period, once). Returns how many."""
     d = cpu.state.dom
-    w = cpu.w
-    w[cpu.cnt + COUNTER["check.samples"]] += 1
+    w, c = cpu.w, cpu.cnt
+    w[c + _C_SAMPLES] += 1
     seen = cpu.buffer.new_leaks(d)
     if not seen:
         return 0
-    host = sum(1 for x in seen if token_class(x.token) == _SENSITIVE)
-    w[cpu.cnt + COUNTER["check.leaks"]] += len(seen)
-    w[cpu.cnt + COUNTER["check.leak_host"]] += host
-    w[cpu.cnt + COUNTER["check.leak_domain"]] += len(seen) - host
+    host = 0
+    for x in seen:
+        if token_class(x.token) == _SENSITIVE:
+            host += 1
+    w[c + _C_LEAKS] += len(seen)
+    w[c + _C_HOST] += host
+    w[c + _C_DOMAIN] += len(seen) - host
     first = seen[0]
-    cpu.events.emit(EventKind.LEAK, Source.BUFFER, cpu.slot_of[first.lane], first.lane,
-                    first.token, d)
+    cpu.events.emit(_LEAK, _BUFFER, cpu.slot_of[first.lane], first.lane, first.token, d)
     return len(seen)
 
 

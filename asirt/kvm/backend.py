@@ -47,12 +47,15 @@ class EmulatedGuest:
         self.stun = stun
         self.cpu = stun.cpu
         self._guest = guest_busy if self.cpu.transport.kind == "signal" else guest_poll
+        self.c_sample_ns = self.cpu.c("check.sample_ns")
 
     def run(self, interval_ns: int, reason: int) -> bool:
         deadline = now() + interval_ns
         if self._guest(self.stun, lambda: now() >= deadline, SLICE_CHECK_EVERY):
             return True
+        t = now()
         sample_leaks(self.cpu)           # what the attacker saw in its slice
+        self.cpu.w[self.c_sample_ns] += now() - t
         return False
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ checkers did not demonstrably look (no guest sample, no monitor snapshot, no cyc
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
@@ -41,7 +42,7 @@ from asirt.sync.coresched import backend_report
 from asirt.topology import Topology
 from shm_layout import Region
 
-__all__ = ["METRICS", "SWEEP_KEYS", "run_kvm", "count", "run", "parse_sweep"]
+__all__ = ["METRICS", "SWEEP_KEYS", "run_kvm", "count", "run", "parse_sweep", "check_options"]
 
 METRICS = ["exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle"]
 #: what --sweep may vary, and how a value changes the run
@@ -92,9 +93,27 @@ def _swept(profile: profiles.Profile, opts: KvmOptions, key: str | None,
     return profile, replace(opts, vms=int(value))
 
 
-def _check(opts: KvmOptions) -> None:
+#: the values each sweep key accepts: (low, high, integral)
+_SWEEP_RANGE = {"exit_rate": (1e-3, 1e7, False), "sensitive": (0.0, 1.0, False),
+                "gadgets": (0.0, 1.0, False), "vms": (1, 7, True)}
+
+
+def check_options(opts: KvmOptions) -> None:
+    """Refuse bad knobs (BadInput naming the option and the fix) before anything runs."""
     for s in opts.strategies:
         strategies.get(s)
+    if opts.sweep is not None:
+        key, values = opts.sweep
+        lo, hi, integral = _SWEEP_RANGE[key]
+        for v in values:
+            if not lo <= v <= hi or integral and v != int(v):   # (NaN fails too)
+                raise BadInput(f"--sweep {key}={v:g}", "is out of range",
+                               f"choose {'whole numbers ' if integral else ''}"
+                               f"{lo:g}..{hi:g} for {key} ({SWEEP_KEYS[key]})")
+    if not (math.isfinite(opts.tick_ms) and opts.tick_ms > 0):
+        raise BadInput(f"--tick-ms {opts.tick_ms}", "must be positive", "for example 2")
+    if not 0 <= opts.host_share <= 1:
+        raise BadInput(f"--host-share {opts.host_share}", "is not a share", "choose 0..1")
     if not 0 <= opts.gadgets <= 1:
         raise BadInput(f"--gadgets {opts.gadgets}", "is not a probability", "choose 0..1")
     if not 1 <= opts.vms <= 7:
@@ -137,6 +156,7 @@ def _derive(t: dict[str, int], elapsed: float, lanes: int, vcpus: int,
     wall = t["kvm.wall_ns"] or 1
     secs = elapsed or 1.0
     parts = {label: t[k] / wall for k, label in BREAKDOWN}
+    parts["checks"] = (t["check.ns"] + t["check.sample_ns"]) / wall
     parts["overhead"] = max(0.0, 1.0 - sum(parts.values()))
     exits = t["kvm.exits"]
     return {
@@ -174,7 +194,7 @@ def _spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_kvm(topo: Topology, opts: KvmOptions, duration_s: float,
             progress: ProgressLine | None = None, reference: bool = True) -> Iterator[Entry]:
     """The comparison (module docstring): one entry per strategy (per sweep point)."""
-    _check(opts)
+    check_options(opts)
     base = profiles.load(opts.profile)
     core_cpus = plan_cores(topo)
     ref: dict[str, Any] = {}
