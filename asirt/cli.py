@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import re
 import signal
@@ -17,8 +18,11 @@ from typing import Any, Iterable, Sequence
 from asirt import results, scenarios
 from asirt.cpu.transport import TRANSPORTS
 from asirt.errors import AsirtError, BadInput
-from asirt.params import CpuParams, StressParams
+from asirt.kvm import profile as kvm_profiles
+from asirt.kvm import strategy as kvm_strategies
+from asirt.params import CpuParams, KvmParams, StressParams
 from asirt.progress import ProgressLine
+from asirt.scenarios import kvm as kvm_scenario
 from asirt.scenarios import stress
 from asirt.scenarios.common import plan_cores
 from asirt.sync.barrier import BARRIERS
@@ -72,6 +76,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:     # (NaN fails this too)
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: choose 0..1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive, finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgParser(prog="asirt", description="Measure SMT sibling synchronization "
                    "(ASI, sibling stun, core scheduling) with pinned processes over shared memory.")
@@ -88,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("scenario", nargs="?", default=scenarios.DEFAULT_SCENARIO,
                    help="; ".join(f"{k}: {v.help}" for k, v in scenarios.SCENARIOS.items())
                    + f" (default {scenarios.DEFAULT_SCENARIO})")
-    b.add_argument("--transport", default=",".join(TRANSPORTS),
-                   help=f"comma-separated subset of {','.join(TRANSPORTS)} (default all)")
-    b.add_argument("--protocol", default=",".join(PROTOCOLS),
+    b.add_argument("--transport", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(TRANSPORTS)} (default all; kvm: "
+                   "one, default spin)")
+    b.add_argument("--protocol", metavar="LIST",
                    help=f"stun: comma-separated subset of {','.join(PROTOCOLS)} (default both)")
     b.add_argument("--cpus", metavar="LIST", help="CPUs to use, e.g. 0-3,8 (default all allowed)")
     b.add_argument("--duration", type=_duration, default=2.0, metavar="SECONDS",
@@ -103,6 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the C cache-line ping-pong that measures the hardware floor")
     b.add_argument("--json", action="store_true", help="print result.json to stdout")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    k = b.add_argument_group("kvm (the strategy comparison; README.md, \"Strategies\")")
+    k.add_argument("--strategy", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(kvm_strategies.NAMES)} (default all)")
+    k.add_argument("--profile", metavar="NAME|FILE",
+                   help="exit profile: a built-in name ('asirt profile list') or a TOML file "
+                   "(default: default)")
+    k.add_argument("--gadgets", type=_probability, metavar="P",
+                   help=f"probability an exit's handler speculatively touches a secret it does "
+                   f"not use (default {KvmParams.gadgets:g})")
+    k.add_argument("--vms", type=_positive_int, metavar="N",
+                   help=f"VMs whose vCPUs share every lane, 1..7 (default {KvmParams.vms})")
+    k.add_argument("--repeat", type=_positive_int, metavar="N",
+                   help="interleave the strategies N times and report the spread (default 1)")
+    k.add_argument("--seed", type=int, metavar="N",
+                   help=f"seed of the workload's draws (default {KvmParams.seed})")
+    k.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="repeat the comparison per value of "
+                   + ", ".join(kvm_scenario.SWEEP_KEYS))
+    k.add_argument("--stun-at", choices=kvm_strategies.STUN_AT,
+                   help="ASI strategies: stun in the ASI hooks, or at every VM exit and entry "
+                   "(default hooks)")
+    k.add_argument("--interrupts", choices=kvm_strategies.INTERRUPTS,
+                   help="ASI strategies: interrupts stay restricted and fault out on a "
+                   "sensitive access, or leave ASI at interrupt entry (default stay)")
+    k.add_argument("--tick-ms", type=_positive_float, metavar="MS",
+                   help=f"the vCPU scheduler's tick (default {KvmParams.tick_ms:g})")
+    k.add_argument("--host-share", type=_probability, metavar="F",
+                   help=f"share of ticks that run a host task (default {KvmParams.host_share:g})")
 
     st = sub.add_parser("stress", help="randomized transitions and injected faults; checks S1-S3 "
                         "and liveness")
@@ -183,18 +236,55 @@ def _selected_topology(args: argparse.Namespace):
     return select_topology(topo, args.topology, cpus)
 
 
+#: bench options that only one scenario reads (their argparse dest -> that scenario)
+_SCENARIO_ONLY = {"protocol": "stun", **{dest: "kvm" for dest in (
+    "strategy", "profile", "gadgets", "vms", "repeat", "seed", "sweep", "stun_at",
+    "interrupts", "tick_ms", "host_share")}}
+
+
+def _kvm_options(args: argparse.Namespace) -> scenarios.KvmOptions:
+    transports = scenarios.parse_choices(args.transport or CpuParams.transport, TRANSPORTS,
+                                         "--transport")
+    if len(transports) > 1:
+        raise BadInput(f"--transport {args.transport}", "lists several transports; bench kvm "
+                       "compares strategies over one", "choose one of "
+                       + ", ".join(TRANSPORTS) + " (compare transports with bench stun)")
+    given = {k: v for k, v in vars(args).items() if _SCENARIO_ONLY.get(k) == "kvm"
+             and v is not None}
+    if "strategy" in given:
+        given["strategies"] = kvm_scenario.strategies_of(
+            scenarios.parse_choices(given.pop("strategy"), kvm_strategies.NAMES, "--strategy"))
+    if "sweep" in given:
+        given["sweep"] = kvm_scenario.parse_sweep(given["sweep"])
+    opts = scenarios.KvmOptions(transport=transports[0], **given)
+    kvm_scenario.check_options(opts)    # bad knobs and files are refused before anything runs
+    kvm_profiles.load(opts.profile)
+    return opts
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario not in scenarios.SCENARIOS:
         raise BadInput(f"scenario {args.scenario!r}", "is not one asirt knows",
                        f"choose from {', '.join(scenarios.SCENARIOS)}")
+    for dest, only in _SCENARIO_ONLY.items():
+        if getattr(args, dest) is not None and args.scenario != only:
+            option = "--" + dest.replace("_", "-")
+            raise BadInput(f"{option} {getattr(args, dest)}", f"applies to bench {only} only",
+                           f"run 'asirt bench {only} {option} ...', or leave {option} out")
+    kvm = _kvm_options(args) if args.scenario == "kvm" else scenarios.KvmOptions()
     opts = scenarios.Options(
-        transports=tuple(scenarios.parse_choices(args.transport, TRANSPORTS, "--transport")),
+        transports=tuple(scenarios.parse_choices(args.transport or ",".join(TRANSPORTS),
+                                                 TRANSPORTS, "--transport")),
         duration_s=args.duration, floor=not args.no_floor,
-        protocols=tuple(scenarios.parse_choices(args.protocol, PROTOCOLS, "--protocol")))
+        protocols=tuple(scenarios.parse_choices(args.protocol or ",".join(PROTOCOLS),
+                                                PROTOCOLS, "--protocol")),
+        kvm=kvm)
     scenario = scenarios.SCENARIOS[args.scenario]
     topo = _selected_topology(args)
     progress = ProgressLine(scenario.count(topo, opts), quiet=args.quiet)
     config = {"scenario": args.scenario, **dataclasses.asdict(opts)}
+    if args.scenario != "kvm":
+        del config["kvm"]
     return _run(args, args.scenario, topo, config, scenario.run(topo, opts, progress))
 
 
@@ -293,7 +383,7 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
     table is printed before anything is written, and results that cannot be written where
     --out says go elsewhere (_keep): then the status is at least 1.
     """
-    interrupts: _Interrupts = args.interrupts
+    interrupts: _Interrupts = args.signals
     results.prepare_out_dir(args.out)   # refuse an unusable --out before anything runs
     system = read_system(topo.sysfs_root, topo.cpus)
     from asirt.clock import calibrate
@@ -535,7 +625,7 @@ def main(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> 
     interrupts = _Interrupts()
     try:
         args = build_parser().parse_args(argv)
-        args.interrupts = interrupts
+        args.signals = interrupts
         return COMMANDS[args.command](args)
     except AsirtError as err:
         interrupts.raising = False
