@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     k = b.add_argument_group("kvm (the strategy comparison; README.md, \"Strategies\")")
     k.add_argument("--strategy", metavar="LIST",
-                   help=f"comma-separated subset of {','.join(kvm_strategies.NAMES)} (default all)")
+                   help=f"comma-separated subset of {','.join(kvm_strategies.NAMES)} (default all; "
+                   f"{', '.join(kvm_strategies.BROKEN)}: broken on purpose, to see the checkers "
+                   "fail them)")
     k.add_argument("--profile", metavar="NAME|FILE",
                    help="exit profile: a built-in name ('asirt profile list') or a TOML file "
                    "(default: default)")
@@ -253,7 +255,8 @@ def _kvm_options(args: argparse.Namespace) -> scenarios.KvmOptions:
              and v is not None}
     if "strategy" in given:
         given["strategies"] = kvm_scenario.strategies_of(
-            scenarios.parse_choices(given.pop("strategy"), kvm_strategies.NAMES, "--strategy"))
+            scenarios.parse_choices(given.pop("strategy"), kvm_strategies.ALL_NAMES,
+                                    "--strategy"))
     if "sweep" in given:
         given["sweep"] = kvm_scenario.parse_sweep(given["sweep"])
     opts = scenarios.KvmOptions(transport=transports[0], **given)
@@ -411,7 +414,7 @@ def _run(args: argparse.Namespace, name: str, topo, config: dict[str, Any],
             _out(f"WARNING: {line}")
     run_dir, where_asked = _keep(args.out, result, entries)
     if run_dir is not None:
-        _plot(run_dir, entries)
+        _plot(run_dir, result["scenarios"])
         if not args.json:
             _out(f"run directory: {run_dir}")
     late = interrupts.caught[1:] if interrupted else interrupts.caught
@@ -508,12 +511,12 @@ def _keep(out_dir: str, result: dict[str, Any],
     return run_dir, False
 
 
-def _plot(run_dir: str, entries: list[results.Entry]) -> None:
+def _plot(run_dir: str, scenarios: list[dict[str, Any]]) -> None:
     from asirt import plot
-    if not (plot.available() and entries):
+    if not (plot.available() and scenarios):
         return
     try:
-        plot.plot_run(run_dir)
+        plot.plot_run(run_dir, scenarios)
     except (OSError, AsirtError) as err:
         print(f"WARNING: no plots in {run_dir} ({_why(err)}); 'asirt report {run_dir} --plot' "
               "makes them later", file=sys.stderr)
@@ -531,7 +534,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _out(results.format_table(result["scenarios"]))
     if args.plot:
         from asirt.plot import plot_run
-        for path in plot_run(args.run_dir):   # stdout holds only the report (JSON with --json)
+        for path in plot_run(args.run_dir, result["scenarios"]):   # stdout: only the report
             if args.json:
                 print(f"wrote {path}", file=sys.stderr)
             else:

@@ -1,5 +1,5 @@
 """The strategy comparison table of ``asirt bench kvm`` (from result.json's ``scenarios``), in
-three blocks that each fit a 100-column terminal:
+four blocks that each fit a 100-column terminal:
 
 1. throughput and mechanisms: guest-time fraction (and its spread over ``--repeat``), relative
    to ``none``, VM entries per second per vCPU, exits handled without leaving the restricted
@@ -8,7 +8,12 @@ three blocks that each fit a 100-column terminal:
    data), S1-S3 violations (transition-time assertions and the monitor together), gadgets
    that reached memory, and the verdict;
 3. latency: p50/p99 of exit handling, the stun round trip and the barrier wait, and the
-   runtime's own overhead per cycle with ``x ref`` against the spin pingpong of the same run.
+   runtime's own overhead per cycle (``ovhd``: vm_cycle_overhead) with ``x ref`` against the
+   spin pingpong of the same run;
+4. where each lane's time goes, in percent: guest, handler work, halted (HLT), waiting for a
+   stun's acks (``ackwt``), parked by a sibling's stun, flushing, the VM-entry barrier, forced
+   idle, host tasks, idle, the checkers (transition assertions and the guest's buffer
+   samples) and the rest (``other``: the runtime's own work).
 
 A sweep (``--sweep``) repeats the blocks per swept value.
 """
@@ -66,8 +71,15 @@ def _verdict(s: dict[str, Any]) -> str:
     return "ok"
 
 
+#: the time breakdown's columns: (result key, heading)
+_TIME = (("guest", "guest"), ("handler", "work"), ("halted", "halt"),
+         ("stun wait", "ackwt"), ("stunned", "parked"), ("flush", "flush"),
+         ("barrier", "barrier"), ("forced idle", "forced"), ("host tasks", "host"),
+         ("idle", "idle"), ("checks", "checks"), ("overhead", "other"))
+
+
 def _blocks(group: list[dict[str, Any]]) -> list[str]:
-    one, two, three = [], [], []
+    one, two, three, four = [], [], [], []
     for s in group:
         k, m = s["kvm"], s["metrics"]
         spread = k.get("spread", {})
@@ -93,13 +105,18 @@ def _blocks(group: list[dict[str, Any]]) -> list[str]:
         three.append([s["strategy"], *pp("exit_handling"), *pp("stun_roundtrip"),
                       *pp("barrier_wait"), _ns((m.get("vm_cycle_overhead") or {}).get("p50")),
                       f"{ratio:.1f}" if ratio is not None else "-"])
+        t = k.get("time") or {}
+        four.append([s["strategy"], *(f"{100 * t[key]:.1f}" if key in t else "-"
+                                      for key, _ in _TIME)])
     return [
         _render(["strategy", "guest", "x none", "entries/s/vCPU", "restricted", "stuns/s",
                  "flushes/s", "stunned+forced idle"], one, range(1, 8)),
         _render(["strategy", "claims safety", "leaks/s host", "leaks/s other VM", "S1", "S2",
                  "S3", "gadget hits", "verdict"], two, range(2, 8)),
         _render(["strategy", "exit p50", "exit p99", "stun p50", "stun p99", "barrier p50",
-                 "barrier p99", "overhead p50", "x ref"], three, range(1, 9)),
+                 "barrier p99", "ovhd p50", "x ref"], three, range(1, 9)),
+        "where each lane's time goes (%):\n"
+        + _render(["strategy", *(h for _, h in _TIME)], four, range(1, len(_TIME) + 1)),
     ]
 
 

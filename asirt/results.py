@@ -49,17 +49,19 @@ class Entry:
     #: earn its success -- no progress, no samples, a fault not survived or misjudged, ...
     problems: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)          # e.g. the floor comparison
+    #: what tells this entry from others of the same combination (a sweep's "gadgets=0.1")
+    tag: str = ""
 
     @property
     def label(self) -> str:
-        parts = [self.scenario, self.strategy, self.transport, "cpu" + "_".join(map(str, self.cpus))]
-        return "-".join(p for p in parts if p != "-")
+        return label_of(self.scenario, self.strategy, self.transport, self.cpus, self.tag)
 
     def summary(self, metric: str) -> dict[str, Any]:
         return histogram.to_dict(histogram.summarize(self.hists[metric]))
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "label": self.label,
             "scenario": self.scenario, "strategy": self.strategy, "transport": self.transport,
             "cpus": list(self.cpus), "duration_s": round(self.duration_s, 6),
             "metrics": {m: self.summary(m) for m in self.hists},
@@ -76,16 +78,30 @@ class Entry:
         return bool(self.claims_safety and (self.counters.get("violations") or self.leaks))
 
 
+def label_of(scenario: str, strategy: str, transport: str, cpus: list[int],
+             tag: str = "") -> str:
+    """An entry's name in its run directory (its .hgrm files): unique within a run."""
+    parts = [scenario, strategy, transport, "cpu" + "_".join(map(str, cpus)), tag]
+    return "-".join(p for p in parts if p and p != "-")
+
+
+def hgrm_name(label: str, metric: str) -> str:
+    """The file name of an entry's histogram of ``metric``."""
+    return _safe(f"{label}-{metric}.hgrm")
+
+
 def check_problems(entries: list[Entry]) -> list[str]:
     """Why a run must exit 1: a worker failed, a variant that claims safety showed a violation
     or a leak, or an entry's own check failed (its ``problems``)."""
     out = []
     for e in entries:
-        where = f"{e.scenario} {e.strategy} {e.transport} cpus {','.join(map(str, e.cpus))}"
+        where = (f"{e.scenario} {e.strategy} {e.transport} cpus {','.join(map(str, e.cpus))}"
+                 + (f" {e.tag}" if e.tag else ""))
         out += [f"{where}: {f}" for f in e.failures]
         if e.unsafe:
-            out.append(f"{where}: {e.counters.get('violations', 0)} violations and "
-                       f"{len(e.leaks)} leaks under a variant that claims safety")
+            leaks = e.counters.get("check.leaks", len(e.leaks))
+            out.append(f"{where}: {e.counters.get('violations', 0)} violations (leaks among "
+                       f"them: {leaks}) under a variant that claims safety")
         out += [f"{where}: {p}" for p in e.problems]
     return out
 
@@ -166,7 +182,7 @@ def write_run(out_dir: str, result: dict[str, Any], entries: list[Entry]) -> str
     try:
         for e in entries:
             for metric, counts in e.hists.items():
-                histogram.write_hgrm(os.path.join(tmp, _safe(f"{e.label}-{metric}.hgrm")), counts)
+                histogram.write_hgrm(os.path.join(tmp, hgrm_name(e.label, metric)), counts)
         with open(os.path.join(tmp, "summary.csv"), "w", newline="") as f:
             f.write(summary_csv(entries))
         with open(os.path.join(tmp, "result.json"), "w") as f:
@@ -251,7 +267,7 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
 
 
 def _key(s: dict[str, Any]) -> tuple:
-    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]))
+    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]), s.get("label"))
 
 
 def _ratio(b: Any, a: Any) -> str:

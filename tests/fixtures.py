@@ -133,7 +133,7 @@ def make_loops(region: Region, n: int, strategy_name: str, vms: int = 1,
     KvmParams fields. ``rec``: metric -> recorder (default: none recorded)."""
     out = []
     for cpu in make_cpus(region, n, params, domain=0):
-        stun = Stun(cpu, "strict")
+        stun = Stun(cpu, strategy.get(strategy_name).protocol)
         asi = Asi(region, cpu)
         p = KvmParams(cpu=params, strategy=strategy_name, vms=vms, **knobs)
         out.append(VcpuLoop(stun, asi, strategy.get(strategy_name), p, profiles.load(profile),

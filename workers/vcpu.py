@@ -28,7 +28,7 @@ METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead
 
 def prepare(ctx: WorkerContext) -> Stun:
     p: KvmParams = ctx.params
-    return ctx.make_stun(replace(p.cpu, domains=p.vms), "strict")
+    return ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol)
 
 
 def run(ctx: WorkerContext, stun: Stun) -> None:

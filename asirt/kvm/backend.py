@@ -9,7 +9,8 @@ every token it sees that its VM may not see is a leak.
 
 - :class:`EmulatedGuest`: the guest is the worker itself, in GUEST, polling its siblings'
   generations at every safe point (spin and sem transports) or busy until the SIGUSR1 handler
-  parks it (signal transport), for the drawn interval of wall time.
+  parks it (signal transport), for the drawn interval of wall time; it looks at the core
+  buffer every ``SAMPLE_EVERY`` clock reads and at the end of the slice.
 - the real KVM guest (asirt.kvm.real) runs a real guest through /dev/kvm: real VM entries and
   exits, kicked out of guest mode by a real signal.
 """
@@ -22,10 +23,13 @@ from asirt.cpu.checks import sample_leaks
 from asirt.sync.guest import guest_busy, guest_poll
 from asirt.sync.stun import Stun
 
-__all__ = ["GuestBackend", "EmulatedGuest", "SLICE_CHECK_EVERY"]
+__all__ = ["GuestBackend", "EmulatedGuest", "SLICE_CHECK_EVERY", "SAMPLE_EVERY"]
 
 #: guest polls between clock reads: a slice ends within about a microsecond of its interval
 SLICE_CHECK_EVERY = 8
+#: clock reads between the guest's looks at the core buffer (about every 10 us), besides the
+#: one at the end of every slice
+SAMPLE_EVERY = 16
 
 
 class GuestBackend(Protocol):
@@ -50,12 +54,29 @@ class EmulatedGuest:
         self.c_sample_ns = self.cpu.c("check.sample_ns")
 
     def run(self, interval_ns: int, reason: int) -> bool:
+        cpu, w, c_ns = self.cpu, self.cpu.w, self.c_sample_ns
         deadline = now() + interval_ns
-        if self._guest(self.stun, lambda: now() >= deadline, SLICE_CHECK_EVERY):
+        k = 0
+
+        def until() -> bool:
+            # the attacker probes all through its slice, not only at its end: a slice a
+            # sibling's stun ends early saw what was in the buffer until then
+            nonlocal k
+            t = now()
+            if t >= deadline:
+                return True
+            k += 1
+            if k >= SAMPLE_EVERY:
+                k = 0
+                sample_leaks(cpu)
+                w[c_ns] += now() - t
+            return False
+
+        if self._guest(self.stun, until, SLICE_CHECK_EVERY):
             return True
         t = now()
-        sample_leaks(self.cpu)           # what the attacker saw in its slice
-        self.cpu.w[self.c_sample_ns] += now() - t
+        sample_leaks(cpu)                # what the attacker saw at the end of its slice
+        w[c_ns] += now() - t
         return False
 
     def close(self) -> None:

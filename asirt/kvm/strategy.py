@@ -33,7 +33,10 @@ asi+kcs    all    ASI (restr.) on asi_exit           on asi_enter B1-B3         
   the result says the tagging is emulated and why.
 
 Claims: ``none`` and ``coresched`` claim no safety (host data leaks: exits run in HOST beside
-sibling guests); ``kcs`` claims it only without gadgets; the others claim it.
+sibling guests); ``kcs`` claims it only without gadgets; the others claim it. Two variants are
+broken on purpose and still claim safety, so that a run shows the checkers catching them:
+``always-noflush`` (no flush anywhere: the stun's R6, the barrier's and the entry's are all
+off) and ``asi-noack`` (the stun does not wait for the siblings' acks: naive).
 
 Variants (Chartre's reply to the ASI RFC), for the ASI strategies:
 - ``stun_at``: ``hooks`` (default: the stun in the ASI class hooks, only for exits that leave
@@ -47,7 +50,8 @@ from dataclasses import dataclass
 
 from asirt.errors import BadInput
 
-__all__ = ["Strategy", "STRATEGIES", "NAMES", "STUN_AT", "INTERRUPTS", "get"]
+__all__ = ["Strategy", "STRATEGIES", "NAMES", "BROKEN", "ALL_NAMES", "STUN_AT", "INTERRUPTS",
+           "get"]
 
 STUN_AT = ("hooks", "exit")
 INTERRUPTS = ("stay", "exit")
@@ -66,6 +70,7 @@ class Strategy:
     barrier: bool             # the VM-entry barrier B1-B3
     cookies: bool             # core scheduling of vCPUs (the cookie gate, force idle)
     claims: str               # "yes", "no" or "without gadgets"
+    protocol: str = "strict"  # the stun handshake's variant (asirt.sync.stun.PROTOCOL)
 
     def claims_safety(self, gadgets: float) -> bool:
         return self.claims == "yes" or (self.claims == "without gadgets" and gadgets == 0)
@@ -82,11 +87,21 @@ STRATEGIES = {s.name: s for s in (
     Strategy("asi+kcs", False, True, True, False, True, False, True, True, True, "yes"),
 )}
 NAMES = tuple(STRATEGIES)
+#: deliberately broken variants that still claim safety, to see the checkers catch them (never
+#: run unless named): ``always`` without any flush, ``asi`` whose stun does not wait for acks
+BROKEN = {s.name: s for s in (
+    Strategy("always-noflush", False, False, False, True, False, False, False, True, False,
+             "yes", "noflush"),
+    Strategy("asi-noack", False, True, True, False, True, False, True, True, False, "yes",
+             "naive"),
+)}
+ALL_NAMES = NAMES + tuple(BROKEN)
 
 
 def get(name: str) -> Strategy:
     try:
-        return STRATEGIES[name]
+        return STRATEGIES.get(name) or BROKEN[name]
     except KeyError:
         raise BadInput(f"strategy {name!r}", "is not one asirt knows",
-                       f"choose from {', '.join(NAMES)} (comma-separated)") from None
+                       f"choose from {', '.join(NAMES)} (comma-separated; "
+                       f"{', '.join(BROKEN)} are broken on purpose)") from None

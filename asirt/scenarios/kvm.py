@@ -300,13 +300,14 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     return Entry("kvm", strat, o.transport, pl.cpus, elapsed / len(runs), hists=hists,
                  counters=counters, leaks=leaks,
                  violations=[e for e in violation_events(events) if e["kind"] != "LEAK"],
-                 failures=failures, claims_safety=claims, problems=problems, extra=extra)
+                 failures=failures, claims_safety=claims, problems=problems, extra=extra,
+                 tag=f"{key}={value:g}" if key is not None and value is not None else "")
 
 
 def count(topo: Topology, opts: Options) -> int:
     k = opts.kvm
     points = len(k.sweep[1]) if k.sweep else 1
-    return 1 + points * k.repeat * len(k.strategies)
+    return int(opts.floor) + points * k.repeat * len(k.strategies)
 
 
 def run(topo: Topology, opts: Options, progress: ProgressLine | None = None) -> Iterator[Entry]:
