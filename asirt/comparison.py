@@ -120,6 +120,27 @@ def _blocks(group: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _real_guest(group: list[dict[str, Any]]) -> str:
+    """The header's next lines: why this guest, and for real vCPUs their exits (measured at
+    each worker's start: the first entry's) and the kicks (of the strategy that kicked most)."""
+    s = group[0]
+    lines = [f"\nguest {s.get('guest')}: {s.get('guest_reason', '')}"[:200]]
+    m = s.get("metrics", {})
+    rt = (m.get("kvm_exit_roundtrip") or {}).get("p50")
+    if rt:
+        floor = s.get("kvm_floor") or {}
+        ratio = floor.get("ratio_p50")
+        kick = max(((e.get("metrics", {}).get("kick_to_exit") or {}) for e in group),
+                   key=lambda k: k.get("count") or 0)
+        lines.append(f"real exits: IO round trip p50 {_ns(rt)}"
+                     + (f" (C floor {_ns(floor.get('p50_ns'))}, x ref {ratio:.2f})"
+                        if ratio else f" (C floor: {floor.get('skipped', 'not measured')})"[:90])
+                     + f", MMIO {_ns((m.get('kvm_exit_mmio') or {}).get('p50'))}, HLT "
+                     f"{_ns((m.get('kvm_exit_hlt') or {}).get('p50'))}; kick to exit p50 "
+                     f"{_ns(kick.get('p50')) if kick.get('count') else '-'}")
+    return "\n".join(lines)
+
+
 def format_strategies(scenarios: list[dict[str, Any]]) -> str:
     """The comparison of the ``kvm`` entries of a result (module docstring)."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -132,6 +153,6 @@ def format_strategies(scenarios: list[dict[str, Any]]) -> str:
         head = (f"profile {first.get('profile')}, {first.get('vms')} VMs, gadgets "
                 f"{first.get('gadgets')}, guest {first.get('guest')}, cpus "
                 f"{','.join(map(str, first['cpus']))}" + (f"  [{label}]" if label else ""))
-        out.append(head)
+        out.append(head + _real_guest(group))
         out += _blocks(group)
     return "\n\n".join(out)

@@ -38,6 +38,8 @@ class CpuParams:
     stonith: bool = True                   # kill a sibling that stays stopped, then fence it
     domains: int = 7                       # security domains in use, 1..domains (the S3 check
                                            # looks at the buffer's classes of these only)
+    kick: bool = False                     # siblings run real vCPUs: a request kicks those in
+                                           # GUEST out of guest mode (asirt.sync.stun)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,27 @@ Imports nothing of asirt.
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import os
 import select
 import signal
 import time
 
-__all__ = ["Life", "Proc", "stat_state", "pid_alive"]
+__all__ = ["Life", "Proc", "stat_state", "pid_alive", "tgkill"]
+
+# tgkill(2) has a glibc wrapper since 2.30; Python 3.11's os module has none.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_libc.tgkill.restype = ctypes.c_int
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to thread ``tid`` of process ``pid`` (a thread-directed signal: no other
+    thread of the process can take it). ProcessLookupError when the thread is gone."""
+    if _libc.tgkill(pid, tid, sig) != 0:
+        err = ctypes.get_errno()
+        raise ProcessLookupError(err, f"tgkill({pid}, {tid}, {sig}): {os.strerror(err)}")
 
 
 def _readable(fd: int, timeout_s: float) -> bool:

@@ -28,7 +28,8 @@ STUN_CPU_DTYPE = register("stun_cpu", np.dtype([
     ("host_ns", I8),                  # time this CPU last entered HOST ...
     ("host_gen", I8),                 # ... and the generation it entered it with
     ("kick_ns", I8),                  # time this CPU last sent a kick (a real vCPU's stun)
-    ("_pad", I8, (2,)),
+    ("vcpu_tid", I8),                 # the thread running this CPU's real vCPU (0: none)
+    ("_pad", I8, (1,)),
 ]))
 assert STUN_CPU_DTYPE.itemsize == ALIGN
 

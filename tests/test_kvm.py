@@ -24,6 +24,12 @@ def asirt(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _emulated(**knobs) -> KvmOptions:
+    """The emulated guest whatever the host has: the contract of the strategies, the same
+    everywhere (real vCPUs are test_kvm_real.py's)."""
+    return KvmOptions(guest="emulated", **knobs)
+
+
 def _only_run(out_dir) -> str:
     (name,) = [n for n in os.listdir(out_dir) if not n.startswith(".")]
     return os.path.join(out_dir, name)
@@ -37,7 +43,7 @@ def _result(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def comparison() -> dict:
     """All seven strategies, the default profile, one second each, with the reference."""
-    entries = list(run_kvm(test_topology(), KvmOptions(), 1.0))
+    entries = list(run_kvm(test_topology(), _emulated(), 1.0))
     return {e.strategy: e for e in entries}
 
 
@@ -85,10 +91,10 @@ def test_asi_stuns_only_for_exits_that_left_the_restricted_space(comparison):
     left = c["kvm.exits"] - c["kvm.exits_restricted"]
     assert c["kvm.exits_restricted"] > 0 and left > 0
     # besides exits that left: a halted vCPU wakes up through the kernel (a second stun for
-    # its exit, which left already), vCPU switches and host tasks go through the kernel, and
-    # each lane starts there
+    # its exit, which left already), vCPU switches and host tasks go through the kernel, each
+    # lane starts there, and holds its siblings out of VM entry when it stops
     assert c["stun.requests"] <= (left + c["kvm.halts"] + c["kvm.switches"]
-                                  + c["kvm.host_tasks"] + len(e.cpus))
+                                  + c["kvm.host_tasks"] + 2 * len(e.cpus))
     assert e.extra["kvm"]["restricted_pct"] > 0
     assert comparison["none"].extra["kvm"]["restricted_pct"] is None
 
@@ -112,7 +118,7 @@ def test_throughput_is_relative_to_none_and_the_overhead_to_the_pingpong(compari
 
 
 def test_kcs_leaks_with_gadgets_and_claims_nothing_then():
-    (e,) = run_kvm(test_topology(), KvmOptions(strategies=("kcs",), gadgets=0.5), 1.5,
+    (e,) = run_kvm(test_topology(), _emulated(strategies=("kcs",), gadgets=0.5), 1.5,
                    reference=False)
     assert e.claims_safety is False
     assert e.counters["asi.gadget_hits"] > 0 and e.leaks, e.counters
@@ -120,14 +126,14 @@ def test_kcs_leaks_with_gadgets_and_claims_nothing_then():
 
 
 def test_asi_gadgets_never_reach_memory():
-    (e,) = run_kvm(test_topology(), KvmOptions(strategies=("asi",), gadgets=0.5), 0.6,
+    (e,) = run_kvm(test_topology(), _emulated(strategies=("asi",), gadgets=0.5), 0.6,
                    reference=False)
     assert e.counters["asi.gadgets"] > 0 and e.counters["asi.gadget_hits"] == 0
     assert e.counters["violations"] == 0 and e.leaks == []
 
 
 def test_stun_at_exit_stuns_every_exit():
-    (e,) = run_kvm(test_topology(), KvmOptions(strategies=("asi",), stun_at="exit"), 0.6,
+    (e,) = run_kvm(test_topology(), _emulated(strategies=("asi",), stun_at="exit"), 0.6,
                    reference=False)
     assert e.extra["stun_at"] == "exit"
     assert e.counters["stun.requests"] >= e.counters["kvm.exits"] > 0
@@ -167,20 +173,21 @@ def test_interrupts_exit_leaves_asi_at_every_interrupt(tmp_path):
     runs = {}
     for variant in ("stay", "exit"):
         (runs[variant],) = run_kvm(test_topology(), KvmOptions(
-            strategies=("asi",), profile=str(prof), interrupts=variant, host_share=0.0), 0.6,
+            guest="emulated", strategies=("asi",), profile=str(prof), interrupts=variant, host_share=0.0), 0.6,
             reference=False)
     stay, leave = runs["stay"], runs["exit"]
     assert leave.extra["interrupts"] == "exit" and stay.extra["interrupts"] == "stay"
     # nothing is sensitive: staying, every exit is handled restricted; leaving, about half
     assert stay.extra["kvm"]["restricted_pct"] > 95
     assert 30 < leave.extra["kvm"]["restricted_pct"] < 70
-    assert leave.counters["stun.requests"] > 2 * stay.counters["stun.requests"]
+    c = leave.counters
+    assert c["stun.requests"] >= c["kvm.exits"] - c["kvm.exits_restricted"] > 0
     for e in runs.values():
         assert e.counters["violations"] == 0 and e.leaks == [] and e.failures == []
 
 
 def test_seed_makes_the_draws_identical_and_repeat_reports_spread():
-    opts = KvmOptions(strategies=("none", "asi"), repeat=2, seed=7, vms=1)
+    opts = _emulated(strategies=("none", "asi"), repeat=2, seed=7, vms=1)
     entries = list(run_kvm(test_topology(), opts, 0.4, reference=False))
     assert [e.strategy for e in entries] == ["none", "asi"]
     for e in entries:
@@ -192,7 +199,8 @@ def test_seed_makes_the_draws_identical_and_repeat_reports_spread():
 
 @pytest.mark.parametrize("name", strategy.ALL_NAMES)
 def test_cli_every_strategy_end_to_end(name, tmp_path):
-    r = asirt("bench", "kvm", "--strategy", name, "--duration", "0.4", "--no-floor",
+    r = asirt("bench", "kvm", "--guest", "emulated", "--strategy", name, "--duration", "0.4",
+              "--no-floor",
               "--out", str(tmp_path), "--quiet")
     broken = name in strategy.BROKEN
     assert r.returncode == (1 if broken else 0), r.stderr[-2000:]
@@ -213,7 +221,8 @@ def test_cli_every_strategy_end_to_end(name, tmp_path):
 
 def test_cli_sweep_draws_its_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    r = asirt("bench", "kvm", "--strategy", "none,asi", "--sweep", "gadgets=0,0.5",
+    r = asirt("bench", "kvm", "--guest", "emulated", "--strategy", "none,asi", "--sweep",
+              "gadgets=0,0.5",
               "--duration", "0.3", "--no-floor", "--out", str(tmp_path), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[gadgets=0]" in r.stdout and "[gadgets=0.5]" in r.stdout
@@ -236,7 +245,8 @@ def test_cli_runs_an_imported_profile(tmp_path):
     imp = asirt("profile", "import", os.path.join(DATA, "win10-io-huataihuang.txt"),
                 "-o", str(prof))
     assert imp.returncode == 0, imp.stderr
-    r = asirt("bench", "kvm", "--profile", str(prof), "--strategy", "asi", "--duration", "0.3",
+    r = asirt("bench", "kvm", "--guest", "emulated", "--profile", str(prof), "--strategy", "asi",
+              "--duration", "0.3",
               "--no-floor", "--out", str(tmp_path / "runs"), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     (s,) = _result(tmp_path / "runs")["scenarios"]
@@ -264,6 +274,7 @@ def test_cli_runs_an_imported_profile(tmp_path):
     (["--transport", "spin,sem"], "--transport"),
     (["--profile", "/nonexistent.toml"], "/nonexistent.toml"),
     (["--profile", "no-such-profile"], "no-such-profile"),
+    (["--guest", "maybe"], "--guest"),
 ])
 def test_cli_bad_kvm_input_exits_2_and_writes_nothing(args, needle, tmp_path):
     r = asirt("bench", "kvm", *args, "--duration", "0.2", "--out", str(tmp_path), timeout=60)

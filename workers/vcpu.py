@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from asirt.kvm import strategy
-from asirt.kvm.backend import EmulatedGuest
+from asirt.kvm.backend import EmulatedGuest, GuestBackend
 from asirt.kvm.loop import VcpuLoop
 from asirt.kvm.profile import parse_toml
 from asirt.kvm.vms import Memory
@@ -23,37 +23,58 @@ from asirt.sync.stun import Stun
 from workers.context import WorkerContext
 
 PARAMS = KvmParams
-METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle")
+METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle",
+           "kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit")
 
 
-def prepare(ctx: WorkerContext) -> Stun:
+def _backend(ctx: WorkerContext, stun: Stun, p: KvmParams, profile) -> GuestBackend:
+    """The emulated guest, or real vCPUs through /dev/kvm (asirt.kvm.real)."""
+    if p.guest == "kvm":
+        from asirt.kvm.real import KvmGuest
+        return KvmGuest(stun, ctx.region, p.vms, profile,
+                        {m: ctx.recorder(m) for m in METRICS})
+    return EmulatedGuest(stun)
+
+
+def prepare(ctx: WorkerContext) -> tuple[Stun, GuestBackend]:
+    """Before the start barrier: the stun, and the guest backend (a real one measures and
+    calibrates here, and becomes kickable before any sibling runs)."""
     p: KvmParams = ctx.params
-    return ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol)
+    stun = ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol)
+    try:
+        return stun, _backend(ctx, stun, p, parse_toml(p.profile_toml, "the run's profile"))
+    except BaseException:
+        stun.cpu.close()
+        raise
 
 
-def run(ctx: WorkerContext, stun: Stun) -> None:
+def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
     p: KvmParams = ctx.params
+    stun, backend = prepared
     strat = strategy.get(p.strategy)
     cpu = stun.cpu
-    asi = Asi(ctx.region, cpu)
-    lock = CoreLock(cpu) if strat.cookies else None
     try:
-        cs = (CoreSched(cpu, lock, rec_forced=ctx.recorder("forced_idle"))
-              if lock is not None else None)
-        loop = VcpuLoop(stun, asi, strat, p, parse_toml(p.profile_toml, "the run's profile"),
-                        Memory.find(asi, p.vms), EmulatedGuest(stun),
-                        SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
-                        {m: ctx.recorder(m) for m in METRICS})
-        cpu.start()
-        loop.start()
+        asi = Asi(ctx.region, cpu)
+        lock = CoreLock(cpu) if strat.cookies else None
         try:
-            loop.run(ctx.stop_requested)
+            cs = (CoreSched(cpu, lock, rec_forced=ctx.recorder("forced_idle"))
+                  if lock is not None else None)
+            loop = VcpuLoop(stun, asi, strat, p, parse_toml(p.profile_toml, "the run's profile"),
+                            Memory.find(asi, p.vms), backend,
+                            SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
+                            {m: ctx.recorder(m) for m in METRICS})
+            cpu.start()
+            loop.start()
+            try:
+                loop.run(ctx.stop_requested)
+            finally:
+                loop.stop()
+                ctx.words[ctx.slot_word(ctx.slot, "samples")] = ctx.words[cpu.c("kvm.cycles")]
+                cpu.publish_progress()
         finally:
-            loop.stop()
-            ctx.words[ctx.slot_word(ctx.slot, "samples")] = ctx.words[cpu.c("kvm.cycles")]
-            cpu.publish_progress()
+            asi.close()
+            if lock is not None:
+                lock.close()
     finally:
-        asi.close()
-        if lock is not None:
-            lock.close()
+        backend.close()
         cpu.close()

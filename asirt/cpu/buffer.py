@@ -224,15 +224,30 @@ class CoreBuffer:
         """Visible tokens a guest of ``domain`` must not see."""
         return [x for x in self.visible() if is_leak(x.token, domain)]
 
-    def new_leaks(self, domain: int) -> list[Seen]:
+    @property
+    def lanes_span(self) -> tuple[int, int]:
+        """(first word index, number of words) of this core's lanes in the region: what a
+        real guest copies to see the buffer (asirt.kvm.real)."""
+        return self.lanes[0], self.nlanes * _LANE_WORDS
+
+    def rebased(self, base: int) -> list[tuple]:
+        """:meth:`new_leaks`'s reads for a copy of the words from region word ``base`` on."""
+        return [(r[0], *(i - base for i in r[1:4]), tuple(i - base for i in r[4]),
+                 tuple(i - base for i in r[5]), r[6] - base, r[7] - base) for r in self._reads]
+
+    def new_leaks(self, domain: int, w=None, reads: list[tuple] | None = None) -> list[Seen]:
         """Like :meth:`leaks`, but each deposit and each period is reported once: only what
         became visible since this reader's last call (a period seen while open is not counted
         again for the token it leaves when it ends). What a guest's repeated sampling counts:
         a leak per thing seen, not per look at it. Written out flat, a lane with nothing new
-        costs two loads: it runs at the end of every guest slice."""
-        w, out = self.w, []
+        costs two loads: it runs at the end of every guest slice. ``w`` and ``reads``: the
+        words a real guest copied and :meth:`rebased` reads into them, instead of the
+        region's."""
+        out: list[Seen] = []
+        if w is None:
+            w, reads = self.w, self._reads
         seen_head, seen_open = self._seen_head, self._seen_open
-        for s, i_head, i_open, i_oseq, marks, covers, _, ring in self._reads:
+        for s, i_head, i_open, i_oseq, marks, covers, _, ring in reads:
             head = w[i_head]
             lo = seen_head[s]
             if head != lo:

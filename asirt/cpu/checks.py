@@ -46,7 +46,8 @@ from shm_layout.sections import Mode
 if TYPE_CHECKING:
     from asirt.cpu.cpu import Cpu
 
-__all__ = ["EventRing", "TransitionChecker", "Monitor", "sample_leaks", "SEQLOCK_RETRIES"]
+__all__ = ["EventRing", "TransitionChecker", "Monitor", "sample_leaks", "count_leaks",
+           "SEQLOCK_RETRIES"]
 
 _EV_WORDS = EVENT_DTYPE.itemsize // 8
 _EV_MASK = EVENTS - 1
@@ -172,10 +173,15 @@ _C_HOST, _C_DOMAIN = COUNTER["check.leak_host"], COUNTER["check.leak_domain"]
 def sample_leaks(cpu: "Cpu") -> int:
     """Checker (c): while in GUEST(d), look at the core buffer as the guest would; count each
     token d may not see (each deposit, each open period, once). Returns how many."""
+    return count_leaks(cpu, cpu.buffer.new_leaks(cpu.state.dom))
+
+
+def count_leaks(cpu: "Cpu", seen: list) -> int:
+    """Count one sample's foreign tokens ``seen`` by the guest of this CPU's domain (a
+    :meth:`CoreBuffer.new_leaks` list), the first as an event. Returns how many."""
     d = cpu.state.dom
     w, c = cpu.w, cpu.cnt
     w[c + _C_SAMPLES] += 1
-    seen = cpu.buffer.new_leaks(d)
     if not seen:
         return 0
     host = 0

@@ -16,7 +16,8 @@
 #   (b) work: work_iters iterations of `dec; jnz`; WORK_FOREVER (0xffffffff) instead spins
 #       until the host changes work_iters (KVM_RUN returns meanwhile only when kicked);
 #   (c) if sample_len != 0, before (b) when sample_after == 0, else after it: copy
-#       sample_len bytes (at most SAMPLE_MAX) from the read-only window at sample_off into
+#       sample_len bytes (at most SAMPLE_MAX, in whole dwords, highest address first) from
+#       the read-only window at sample_off into
 #       the output page after the header: the guest, as a side-channel attacker, reading the
 #       core buffer that a shared-memory region exposes;
 #   (d) exit with the drawn kind: EXIT_IO: `out %al, %dx` to port IO_PORT_BASE + exit_code
@@ -95,15 +96,24 @@ forever:	# WORK_FOREVER: spin until the host writes another work_iters
 	je	forever
 	jmp	after
 
-sample:	# copy ECX (clamped to SAMPLE_MAX) bytes from WINDOW_SEG:sample_off to the output data
+sample:	# copy ECX (clamped to SAMPLE_MAX) bytes from WINDOW_SEG:sample_off to the output data,
+	# four at a time (the host asks for whole words; an emulated rep costs per iteration),
+	# from the highest address down: a core-buffer lane's head and marks are read before
+	# its ring, the order its writer's stores need (a deposit stores the ring entry, then
+	# the head), so a deposit that races the copy is seen whole or not at all
 	cmp	$SAMPLE_MAX, %ecx
 	jbe	1f
 	mov	$SAMPLE_MAX, %ecx
-1:	mov	MAILBOX+MB_SAMPLE_OFF, %esi
+1:	shr	$2, %ecx		# dwords (a tail of 1-3 bytes is not copied)
+	mov	MAILBOX+MB_SAMPLE_OFF, %esi
 	mov	$OUTPUT+OUT_DATA, %edi
+	lea	-4(%esi,%ecx,4), %esi	# the last dword of each
+	lea	-4(%edi,%ecx,4), %edi
 	push	%ds
 	mov	$WINDOW_SEG, %ax
 	mov	%ax, %ds		# DS base = WINDOW_GPA; the window is at most 64 KiB
-	addr32	rep movsb		# DS:ESI -> ES:EDI, ECX bytes (32-bit addressing)
+	std				# count down
+	addr32	rep movsl		# DS:ESI -> ES:EDI, ECX dwords (32-bit addressing)
+	cld
 	pop	%ds
 	ret

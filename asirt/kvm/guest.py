@@ -22,7 +22,8 @@ Guest-physical layout (all below 1 MiB, every segment base 0 except where noted)
 
 Mailbox (little-endian u32 words at MAILBOX_GPA, in ``Request`` field order): seq,
 exit_kind (ExitKind: 0 IO, 1 MMIO, 2 HLT), exit_code, sample_len, sample_off, sample_after
-(0: sample before the work, else after), work_iters (WORK_FOREVER = 0xffffffff: spin until
+(0: sample before the work, else after; sample_len is whole dwords, copied four bytes at a
+time), work_iters (WORK_FOREVER = 0xffffffff: spin until
 the host changes it). The guest echoes seq into the output header on every pass (a pass that
 spun echoes the seq that started it).
 
@@ -131,8 +132,10 @@ CODE = (
     b"\x66\x83\xf9\xff\x74\x19\x66\x49\x75\xfc\x66\x8b\x0e\x0c\x20\x67"
     b"\xe3\xac\x66\x83\x3e\x14\x20\x00\x74\xa4\xe8\x0c\x00\xeb\x9f\x66"
     b"\x83\x3e\x18\x20\xff\x74\xf8\xeb\xe1\x66\x81\xf9\xf0\x0f\x00\x00"
-    b"\x76\x06\x66\xb9\xf0\x0f\x00\x00\x66\x8b\x36\x10\x20\x66\xbf\x10"
-    b"\x30\x00\x00\x1e\xb8\x00\x10\x8e\xd8\x67\xf3\xa4\x1f\xc3"
+    b"\x76\x06\x66\xb9\xf0\x0f\x00\x00\x66\xc1\xe9\x02\x66\x8b\x36\x10"
+    b"\x20\x66\xbf\x10\x30\x00\x00\x67\x66\x8d\x74\x8e\xfc\x67\x66\x8d"
+    b"\x7c\x8f\xfc\x1e\xb8\x00\x10\x8e\xd8\xfd\x67\x66\xf3\xa5\xfc\x1f"
+    b"\xc3"
 )
 # END CODE
 
@@ -156,10 +159,12 @@ class Mailbox:
                            "`out`", f"choose 0..{IO_CODES - 1}")
         if request.sample_len:
             end = request.sample_off + request.sample_len
-            if request.sample_len > SAMPLE_MAX or end > self.window_size:
+            if (request.sample_len > SAMPLE_MAX or end > self.window_size
+                    or request.sample_len % 4):
                 raise BadInput(f"sample [{request.sample_off}, {end})",
-                               f"must lie in the mapped window ({self.window_size} bytes) and "
-                               f"be at most {SAMPLE_MAX} bytes", "map a window or sample less")
+                               f"must lie in the mapped window ({self.window_size} bytes), be "
+                               f"whole dwords and at most {SAMPLE_MAX} bytes",
+                               "map a window or sample less")
         try:
             _MAILBOX.pack_into(self.ram, MAILBOX_GPA, *request)  # type: ignore[arg-type]
         except struct.error as err:

@@ -93,8 +93,7 @@ class VcpuLoop:
         self.c_parked, self.c_sample = cpu.c("stun.parked_ns"), cpu.c("check.sample_ns")
         self.c_flush_ns, self.c_check_ns = cpu.c("buffer.flush_ns"), cpu.c("check.ns")
         self.c_entry_flush = cpu.c("barrier.flushes")
-        self.c_flushes = cpu.c("buffer.flushes")        # every flush, whoever asked
-        self.flushes_seen = -1          # buffer.flushes at the last VM entry
+        barrier.flush_always = strategy.flush_every_entry
         none = lambda v: None  # noqa: E731 - a metric this run does not record
         self.rec_exit = rec.get("exit_handling") or none
         self.rec_stun = rec.get("stun_roundtrip") or none
@@ -191,8 +190,6 @@ class VcpuLoop:
             self._release()
         elif state.mode == HOST and (st.barrier or st.flush_tainted):
             state.set(ASI, state.dom)          # the kernel's period ends before a flush
-        if st.flush_every_entry and self.w[self.c_flushes] == self.flushes_seen:
-            state.flush(self.c_entry_flush)    # no flush since the last entry: one now
         if st.barrier:
             w = self.w
             before = w[self.c_flush_ns] + w[self.c_check_ns] + w[self.c_parked]
@@ -200,12 +197,10 @@ class VcpuLoop:
             r = self.barrier.enter(deadline - t0 if deadline > t0 else 1)
             w[self.c["barrier_ns"]] += (now() - t0 - (w[self.c_flush_ns] + w[self.c_check_ns]
                                                       + w[self.c_parked] - before))
-            self.flushes_seen = w[self.c_flushes]
             return r
         if st.flush_tainted and state.needs_flush(state.dom):
             state.flush(self.c_entry_flush)
         state.enter_guest()
-        self.flushes_seen = self.w[self.c_flushes]
         return Result.OK
 
     def _exit(self) -> None:
@@ -310,9 +305,16 @@ class VcpuLoop:
         self._kernel(_nothing, d)
 
     def _go_idle(self) -> None:
-        """To the idle task: IDLE (R5 when a stun is held: its flush and release follow)."""
+        """To the idle task: IDLE, then the flush of what the VM's (or the kernel's) period
+        left and the release (R5 to IDLE, R6, R7). Under a strategy with a VM-entry barrier a
+        lane that holds no stun holds its siblings out of VM entry meanwhile (R1 without
+        waiting for acks: no HOST follows): once it shows domain 0, a sibling may enter
+        another VM, and must find that VM's data flushed."""
         state = self.state
         if state.mode != IDLE:
+            if not self.stun_held and self.strat.barrier:
+                self.stun.hold()
+                self.stun_held = True
             state.set(IDLE, 0)
         if self.stun_held:
             self._release()
@@ -482,16 +484,13 @@ class VcpuLoop:
                 state.set(ASI, d)
 
     def stop(self) -> None:
-        """Leave the core cleanly: out of GUEST, out of HOST and released, idle. Never into
-        HOST on the way out: the run is stopping, so no new stun can be had, and a sibling
-        may still be in GUEST (the hooks come off first, so nothing asks for one)."""
+        """Leave the core cleanly: out of GUEST, idle, flushed and released (:meth:`_go_idle`).
+        Never into HOST on the way out: the run is stopping, so no stun can be waited for, and
+        a sibling may still be in GUEST (the hooks come off first, so nothing asks for one)."""
         state = self.state
         if self.strat.restricted:
             self.asi.set_hooks(AsiClassId.KVM)
         if state.mode == GUEST:
             state.exit_guest(ASI)
-        if self.stun_held:
-            if state.mode == HOST:
-                self.stun.leave_host()
-            self._release()
-        self.asi.offline()                     # ASI or HOST -> IDLE
+        self._go_idle()                        # IDLE, flushed, released
+        self.asi.offline()

@@ -59,7 +59,7 @@ Quirks this module relies on, with their source:
   inside the process; ``kick(pid)`` alone is process-directed and safe only in a process
   whose every thread blocks SIGUSR1 (block it before importing numpy: threads inherit it).
 
-Imports only the standard library, asirt.errors and asirt.kvm.api.
+Imports only the standard library, asirt.errors, asirt.proc (tgkill) and asirt.kvm.api.
 """
 from __future__ import annotations
 
@@ -76,12 +76,15 @@ from typing import Callable, NamedTuple
 
 from asirt.errors import AsirtError, BadInput, FeatureMissing
 from asirt.kvm import api
+from asirt.proc import tgkill
 
 __all__ = ["DEFAULT_PATH", "KICK_SIGNAL", "PAGE_SIZE", "KvmSupport", "probe", "Vm", "Vcpu",
            "ExitKind", "Exit", "kick", "kick_thread", "buffer_address", "KvmCallFailed",
            "GuestFailed"]
 
-DEFAULT_PATH = "/dev/kvm"
+#: the KVM device; ASIRT_KVM_DEVICE points elsewhere (a test of a host without KVM, a device
+#: node in a container)
+DEFAULT_PATH = os.environ.get("ASIRT_KVM_DEVICE", "/dev/kvm")
 KICK_SIGNAL = signal.SIGUSR1
 PAGE_SIZE = mmap.PAGESIZE
 #: RFLAGS after setup: bit 1 is reserved and always 1; IF = 0, so no interrupt is ever taken
@@ -591,12 +594,6 @@ class Vcpu:
         self.close()
 
 
-# tgkill(2) has a glibc wrapper since 2.30; Python 3.11's os module has none.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.tgkill.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-_libc.tgkill.restype = ctypes.c_int
-
-
 def _drain_kicks() -> None:
     """Consume every pending kick (one process-directed and one thread-directed may both be
     pending: standard signals do not queue) so none is delivered later."""
@@ -610,9 +607,8 @@ def kick(pid: int, tid: int | None = None) -> None:
     is process-directed (see the module docstring for when that is safe)."""
     if tid is None:
         os.kill(pid, KICK_SIGNAL)
-    elif _libc.tgkill(pid, tid, int(KICK_SIGNAL)) != 0:
-        err = ctypes.get_errno()
-        raise ProcessLookupError(err, f"tgkill({pid}, {tid}, SIGUSR1): {os.strerror(err)}")
+    else:
+        tgkill(pid, tid, int(KICK_SIGNAL))
 
 
 def kick_thread(thread_id: int) -> None:

@@ -43,6 +43,7 @@ class KvmOptions:
     interrupts: str = KvmParams.interrupts
     transport: str = CpuParams.transport
     sweep: tuple[str, tuple[float, ...]] | None = None
+    guest: str = "auto"                       # auto | kvm | emulated (asirt.scenarios.kvm)
 
 
 

@@ -27,10 +27,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from asirt import collect, histogram, orchestrator
-from asirt.errors import BadInput
+from asirt.errors import BadInput, FeatureMissing
 from asirt.kvm import profile as profiles
 from asirt.kvm import strategy as strategies
+from asirt.kvm import vm
 from asirt.kvm import vms as vm_memory
+from asirt.kvmfloor import ExitFloor
 from asirt.orchestrator import RunSpec
 from asirt.params import CpuParams, KvmParams
 from asirt.progress import ProgressLine
@@ -42,9 +44,13 @@ from asirt.sync.coresched import backend_report
 from asirt.topology import Topology
 from shm_layout import Region
 
-__all__ = ["METRICS", "SWEEP_KEYS", "run_kvm", "count", "run", "parse_sweep", "check_options"]
+__all__ = ["METRICS", "REAL_METRICS", "GUESTS", "SWEEP_KEYS", "run_kvm", "count", "run",
+           "parse_sweep", "check_options", "resolve_guest"]
 
 METRICS = ["exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle"]
+#: what a real guest adds (asirt.kvm.real)
+REAL_METRICS = ["kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit"]
+GUESTS = ("auto", "kvm", "emulated")
 #: what --sweep may vary, and how a value changes the run
 SWEEP_KEYS = {
     "exit_rate": "the profile's exits per second of guest time (Hz)",
@@ -128,19 +134,48 @@ def check_options(opts: KvmOptions) -> None:
                        f"choose from {', '.join(strategies.INTERRUPTS)}")
 
 
+def resolve_guest(choice: str, transport: str,
+                  path: str = vm.DEFAULT_PATH) -> tuple[str, str]:
+    """``--guest``: (the backend, why). ``auto`` takes real vCPUs when a VM can be created
+    through ``path``; ``kvm`` insists (FeatureMissing, exit 2, naming the cause: no device,
+    permission, nested virtualization off...)."""
+    if choice not in GUESTS:
+        raise BadInput(f"--guest {choice}", "unknown", f"choose from {', '.join(GUESTS)}")
+    if choice == "emulated":
+        return "emulated", "chosen with --guest emulated"
+    support = vm.probe(path)
+    if choice == "kvm":
+        if not support.usable:
+            raise FeatureMissing("--guest kvm", support.reason,
+                                 "run with --guest emulated, or --guest auto to fall back")
+        if transport == "signal":
+            raise BadInput("--transport signal", "cannot drive real vCPUs: its IPI signal is "
+                           "what kicks a vCPU out of guest mode", "use --transport spin or sem")
+        return "kvm", support.reason
+    if not support.usable:
+        return "emulated", f"--guest auto: no usable KVM ({support.reason})"
+    if transport == "signal":
+        return "emulated", ("--guest auto: the signal transport's IPI is the vCPU kick, so "
+                            "real vCPUs run only with spin or sem")
+    return "kvm", f"--guest auto: {support.reason}"
+
+
 def _one(topo: Topology, strat: str, profile: profiles.Profile, opts: KvmOptions,
          duration_s: float, progress: ProgressLine | None, label: str) -> tuple[Plan, Any]:
-    """One orchestrator run of one strategy."""
+    """One orchestrator run of one strategy (``opts.guest`` resolved: kvm or emulated)."""
     core_cpus = plan_cores(topo)
-    params = KvmParams(CpuParams(transport=opts.transport, domains=opts.vms), strat,
+    real = opts.guest == "kvm"
+    params = KvmParams(CpuParams(transport=opts.transport, domains=opts.vms, kick=real), strat,
                        profiles.to_toml(profile), opts.seed, opts.gadgets, opts.vms,
-                       opts.tick_ms, opts.host_share, opts.stun_at, opts.interrupts)
+                       opts.tick_ms, opts.host_share, opts.stun_at, opts.interrupts,
+                       guest=opts.guest)
     pl = plan(core_cpus, "vcpu", lambda k, lane: params, monitor=True)
 
     def setup(region: Region) -> None:
         vm_memory.setup(region, opts.vms)
 
-    spec = RunSpec(workers=pl.workers, metrics=METRICS, duration_s=duration_s, cores=pl.cores,
+    spec = RunSpec(workers=pl.workers, metrics=METRICS + (REAL_METRICS if real else []),
+                   duration_s=duration_s, cores=pl.cores,
                    emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0,
                    extra_sections=[*sync_sections(pl),
                                    *vm_memory.sections(len(pl.workers), opts.vms)],
@@ -197,13 +232,18 @@ def run_kvm(topo: Topology, opts: KvmOptions, duration_s: float,
     check_options(opts)
     base = profiles.load(opts.profile)
     core_cpus = plan_cores(topo)
-    ref: dict[str, Any] = {}
+    guest, why = resolve_guest(opts.guest, opts.transport)
+    opts = replace(opts, guest=guest)
+    ref: dict[str, Any] = {"guest_reason": why}
+    if reference and guest == "kvm":
+        ref["kvm_floor"] = _exit_floor(core_cpus[0][0], progress)
     if reference:
         a, b = core_cpus[0][:2]
         if progress is not None:
             progress.start(f"reference: spin pingpong cpus {a},{b}")
         p50, failures = pingpong.p50_of(a, b, "spin", REFERENCE_S)
-        ref = {"kind": "pingpong-spin", "cpus": [a, b], "p50_ns": None if failures else p50}
+        ref.update({"kind": "pingpong-spin", "cpus": [a, b],
+                    "p50_ns": None if failures else p50})
         if failures:
             ref["skipped"] = "; ".join(failures)
         if progress is not None:
@@ -231,6 +271,23 @@ def run_kvm(topo: Topology, opts: KvmOptions, duration_s: float,
             yield e
 
 
+def _exit_floor(cpu: int, progress: ProgressLine | None) -> dict[str, Any]:
+    """The C program's IO exit round trip on ``cpu`` (asirt.kvmfloor): kvm_exit_roundtrip's
+    reference, measured in the same run."""
+    if progress is not None:
+        progress.start(f"reference: C KVM exit floor cpu {cpu}")
+    try:
+        with ExitFloor() as floor:
+            p50 = histogram.summarize(floor.measure(cpu, REFERENCE_S)).p50
+        out: dict[str, Any] = {"kind": "c-kvm-exit-floor", "cpu": cpu, "p50_ns": p50}
+    except FeatureMissing as err:
+        out = {"kind": "c-kvm-exit-floor", "cpu": cpu, "p50_ns": None, "skipped": str(err)}
+    if progress is not None:
+        progress.done(f"p50 {out['p50_ns']} ns" if out["p50_ns"] else "skipped: "
+                      + out["skipped"])
+    return out
+
+
 def _progress_text(out: Any) -> str:
     if out.failures:
         return "FAILED: " + "; ".join(str(f) for f in out.failures)
@@ -247,13 +304,14 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     lanes = sum(len(c) for c in pl.cores)
     vcpus = lanes * o.vms
     derived, totals = [], None
-    hists = {m: np.zeros(histogram.NBUCKETS, np.int64) for m in METRICS}
+    metrics = METRICS + (REAL_METRICS if o.guest == "kvm" else [])
+    hists = {m: np.zeros(histogram.NBUCKETS, np.int64) for m in metrics}
     failures, events, elapsed = [], [], 0.0
     for _, out in runs:
         t = out.collected["totals"]
         derived.append(_derive(t, out.elapsed_s, lanes, vcpus, s))
         totals = t if totals is None else {k: totals[k] + v for k, v in t.items()}
-        for i, m in enumerate(METRICS):
+        for i, m in enumerate(metrics):
             hists[m] += out.merged(i, pl.vslots)
         failures += [str(f) for f in out.failures]
         events += out.collected["events"]
@@ -272,10 +330,16 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     counters.update(viol)
     counters["violations"] = sum(viol.values())
     overhead = histogram.summarize(hists["vm_cycle_overhead"]).p50
-    baseline = dict(ref)
-    if ref:
+    baseline = {k: v for k, v in ref.items() if k not in ("guest_reason", "kvm_floor")}
+    if baseline:
         baseline["ratio_p50"] = (round(overhead / ref["p50_ns"], 3)
                                  if overhead and ref.get("p50_ns") and not failures else None)
+    kvm_floor = dict(ref["kvm_floor"]) if "kvm_floor" in ref else None
+    if kvm_floor is not None:
+        rt = histogram.summarize(hists["kvm_exit_roundtrip"]).p50
+        kvm_floor["roundtrip_p50_ns"] = rt
+        kvm_floor["ratio_p50"] = (round(rt / kvm_floor["p50_ns"], 3)
+                                  if rt and kvm_floor.get("p50_ns") and not failures else None)
     claims = s.claims_safety(o.gadgets)
     problems = []
     if not failures:
@@ -288,11 +352,14 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     leaks = [e for e in events if e["kind"] == "LEAK"][:MAX_LISTED]
     extra: dict[str, Any] = {
         "kvm": kvm, "profile": profile.name, "gadgets": o.gadgets, "vms": o.vms,
-        "repeat": o.repeat, "seed": o.seed, "guest": "emulated", "stun_at": o.stun_at,
+        "repeat": o.repeat, "seed": o.seed, "guest": o.guest,
+        "guest_reason": ref.get("guest_reason", ""), "stun_at": o.stun_at,
         "interrupts": o.interrupts, "tick_ms": o.tick_ms, "host_share": o.host_share,
         "emulated": topo.emulated, "lanes": pl.core_cpus, "baseline": baseline,
         "strategy_claims": s.claims,
     }
+    if kvm_floor is not None:
+        extra["kvm_floor"] = kvm_floor
     if key is not None:
         extra["sweep"] = {"key": key, "value": value}
     if s.cookies:
@@ -307,7 +374,10 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
 def count(topo: Topology, opts: Options) -> int:
     k = opts.kvm
     points = len(k.sweep[1]) if k.sweep else 1
-    return int(opts.floor) + points * k.repeat * len(k.strategies)
+    floors = 0
+    if opts.floor:
+        floors = 2 if resolve_guest(k.guest, k.transport)[0] == "kvm" else 1
+    return floors + points * k.repeat * len(k.strategies)
 
 
 def run(topo: Topology, opts: Options, progress: ProgressLine | None = None) -> Iterator[Entry]:

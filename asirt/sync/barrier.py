@@ -54,8 +54,10 @@ class Result(enum.IntEnum):
 _C = {k: COUNTER[f"barrier.{k}"] for k in ("tries", "busy", "dom", "flushes", "rv_rounds")}
 
 
-def check(stun: Stun) -> tuple[Result, int]:
-    """B1-B3 per live sibling, then the flush this CPU's taints ask for. (result, lane)."""
+def check(stun: Stun, flush_always: bool = False) -> tuple[Result, int]:
+    """B1-B3 per live sibling, then the flush this CPU's taints ask for (``flush_always``:
+    a flush at every entry, tainted or not: KVM's ``vmentry_l1d_flush=always``).
+    (result, lane)."""
     cpu = stun.cpu
     w, dl, c = cpu.w, cpu.dl, cpu.cnt
     d = cpu.state.dom
@@ -77,16 +79,17 @@ def check(stun: Stun) -> tuple[Result, int]:
             return Result.DOMAIN, j
         if dl:
             dl()
-    if stun.proto.flushes and cpu.state.needs_flush(d):
+    if stun.proto.flushes and (flush_always or cpu.state.needs_flush(d)):
         cpu.state.flush(c + _C["flushes"])
     return Result.OK, -1
 
 
-def gate(stun: Stun, t0: int, deadline: int | None, rec: Recorder | None) -> Result | None:
+def gate(stun: Stun, t0: int, deadline: int | None, rec: Recorder | None,
+         flush_always: bool = False) -> Result | None:
     """The end of both barriers: B1-B3 and the flush, then B4 (OK, the wait since ``t0``
     recorded), DOMAIN, STOP or TIMEOUT; None: not yet, go round again (after waiting for the
     lane that blocked, answering requests meanwhile)."""
-    r, j = check(stun) if stun.proto.barrier else (Result.OK, -1)
+    r, j = check(stun, flush_always) if stun.proto.barrier else (Result.OK, -1)
     if r == Result.OK:
         if stun.cpu.dl:
             stun.cpu.dl()
@@ -137,6 +140,7 @@ class SpinBarrier:
 
     def __init__(self, stun: Stun, rec: Recorder | None = None) -> None:
         self.stun, self.rec = stun, rec
+        self.flush_always = False       # flush at every entry (check), not only when tainted
 
     def enter(self, max_wait_ns: int | None = None) -> Result:
         """Wait until the barrier holds, then enter GUEST. The CPU must be in ASI(d), d != 0."""
@@ -146,7 +150,7 @@ class SpinBarrier:
         deadline = None if max_wait_ns is None else t0 + max_wait_ns
         while True:
             sp()
-            r = gate(stun, t0, deadline, rec)
+            r = gate(stun, t0, deadline, rec, self.flush_always)
             if r is not None:
                 return r
 

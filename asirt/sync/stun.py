@@ -6,7 +6,9 @@ orders it relies on), over the region, with timeouts everywhere. The stun plugs 
 through the CPU's state writer, and waits with the CPU's waiter.
 
 Requester (asi_exit ... asi_enter), from IDLE or ASI(d):
-  [R1] ``gen += 1`` (odd: a request is active), then deliver an IPI to every sibling;
+  [R1] ``gen += 1`` (odd: a request is active), then deliver an IPI to every sibling, and
+       kick every sibling in guest mode on a real vCPU (``CpuParams.kick``: it cannot poll
+       there; a thread-directed signal makes its KVM_RUN return);
   [R2] strict only: wait until every sibling's ``ack[me] == gen``, acknowledging the
        siblings' own pending requests meanwhile (so simultaneous requesters cannot
        deadlock); naive skips this: it proceeds as soon as the IPIs are sent;
@@ -27,6 +29,9 @@ Target, at every safe point (``answer``) -- a request of sibling j is *pending* 
 Ordering: every field has one writer; on x86-TSO message passing needs no fence, and no step's
 safety depends on "store my flag, then load yours" (model/README.md). The ``sem`` transport
 posts to *every* sibling, so an idle CPU never has to announce IDLE and then check (Dekker).
+The kick is such a pattern (R1's store, then a load of the sibling's mode; the vCPU's store of
+GUEST, then a load of the generations), so both sides fence; but it only bounds how long the
+requester waits: a strict requester waits for the ack whether the kick came or not.
 
 Variants, as data (:data:`PROTOCOL`): ``strict`` and ``naive`` are the two the benchmarks
 compare; ``nobarrier`` (no VM-entry barrier), ``noflush`` (no flush on release) and
@@ -39,8 +44,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from asirt.clock import now
-from asirt.cpu import ASI, HOST, IDLE, Cpu
+from asirt.cpu import ASI, GUEST, HOST, IDLE, Cpu
+from asirt.cpu.transport import IPI_SIGNAL
 from asirt.cpu.wait import Outcome
+from asirt.fence import fence
+from asirt.proc import tgkill
 from shm_layout.counters import COUNTER
 from shm_layout.cpu import EventKind, Phase, Source
 
@@ -105,6 +113,11 @@ class Stun:
         self.others = len(cpu.sibs) > 1
         #: the IPI delivery, bound once (None for spin: nothing is sent)
         self.deliver = cpu.transport.deliver if cpu.transport.kind != "spin" else None
+        #: siblings that run a real vCPU cannot poll while in guest mode: kick them (R1)
+        self.kicks = cpu.params.kick
+        self.s_tid = [wi("stun_cpu", s, "vcpu_tid") for s in lanes]
+        self.i_kick_ns = wi("stun_cpu", slot, "kick_ns")
+        self.s_kick_ns = [wi("stun_cpu", s, "kick_ns") for s in lanes]
         self.park1 = -1 if self.strict else self.i_park
         self.limit = cpu.waiter.limit
         #: optional histogram recorders (asirt.histogram.recorder), set by the worker
@@ -242,6 +255,8 @@ class Stun:
         w[self.i_gen] = g                                               # R1
         if self.deliver is not None:
             self.deliver(self.cpu.live)
+        if self.kicks:
+            self.kick()
         if not self.strict:
             return True
         live = self.cpu.live
@@ -260,6 +275,39 @@ class Stun:
                     return self.wait_acks()
             return True
         return self.wait_acks()
+
+    def hold(self) -> None:
+        """R1 alone, no R2: the siblings are kept out of VM entry (B1) and park, without this
+        CPU waiting for their acks, for a transition that needs no HOST -- a lane going idle
+        leaves its VM's period in the buffer, and must flush it (R6) before a sibling may
+        enter another VM beside it. Released by :meth:`unstun`."""
+        w = self.w
+        g = self.g + 1
+        self.g = g
+        w[self.i_gen] = g
+        if self.deliver is not None:
+            self.deliver(self.cpu.live)
+        if self.kicks:
+            self.kick()
+
+    def kick(self) -> None:
+        """R1 for siblings in guest mode on a real vCPU: a thread-directed IPI_SIGNAL to the
+        vCPU thread makes its KVM_RUN return (asirt.kvm.real), and it parks. The fence orders
+        R1's store before the loads of the siblings' modes; the vCPU fences between its
+        store of GUEST and its look for a pending request before KVM_RUN: so a sibling that
+        enters guest mode now either is kicked or sees this request (store buffering cannot
+        hide both)."""
+        fence()
+        cpu, w = self.cpu, self.w
+        for j in cpu.live:
+            if w[cpu.s_mode[j]] == GUEST:
+                tid = w[self.s_tid[j]]
+                if tid:
+                    w[self.i_kick_ns] = now()
+                    try:
+                        tgkill(w[cpu.s_pid[j]], tid, IPI_SIGNAL)
+                    except ProcessLookupError:
+                        pass            # it died: the ack wait's liveness check fences it
 
     def wait_acks(self) -> bool:
         """R2 (strict). False: given up (and released), or stopping."""

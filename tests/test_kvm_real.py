@@ -1,0 +1,139 @@
+"""`--guest kvm`: the vCPU loop on real vCPUs through /dev/kvm (asirt.kvm.real). The guest
+program itself and the device layer are test_kvm_device.py's."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from asirt.cpu import ASI, HOST
+from asirt.errors import BadInput, FeatureMissing
+from asirt.kvm import profile as profiles
+from asirt.kvm.real import KvmGuest
+from asirt.scenarios.kvm import resolve_guest
+from tests.fixtures import close_loops, counter, cpu_region, make_loops
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def asirt(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asirt", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _result(out_dir) -> dict:
+    (name,) = [n for n in os.listdir(out_dir) if not n.startswith(".")]
+    with open(os.path.join(out_dir, name, "result.json")) as f:
+        return json.load(f)
+
+
+def test_guest_choice_and_its_reason(tmp_path):
+    assert resolve_guest("emulated", "spin") == ("emulated", "chosen with --guest emulated")
+    missing = str(tmp_path / "no-kvm")
+    guest, why = resolve_guest("auto", "spin", missing)
+    assert guest == "emulated" and "no usable KVM" in why and missing in why
+    with pytest.raises(FeatureMissing, match="does not exist") as err:
+        resolve_guest("kvm", "spin", missing)
+    assert err.value.exit_code == 2 and "--guest emulated" in str(err.value)
+    with pytest.raises(BadInput):
+        resolve_guest("sometimes", "spin")
+
+
+@pytest.mark.requires_kvm
+def test_signal_transport_cannot_drive_real_vcpus():
+    with pytest.raises(BadInput, match="kicks a vCPU"):
+        resolve_guest("kvm", "signal")
+    guest, why = resolve_guest("auto", "signal")
+    assert guest == "emulated" and "signal" in why
+
+
+def test_cli_guest_kvm_without_kvm_exits_2_naming_the_cause(tmp_path):
+    r = asirt("bench", "kvm", "--guest", "kvm", "--duration", "0.2", "--out", str(tmp_path),
+              env={"ASIRT_KVM_DEVICE": str(tmp_path / "kvm")}, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--guest kvm" in r.stderr and "does not exist" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.requires_kvm
+def test_the_real_guest_sees_what_is_in_the_core_buffer():
+    """Leak evidence from real guest code: a host token in the core buffer is counted from the
+    bytes the guest copied out of its window, and nothing once it is flushed."""
+    with cpu_region(1, vms=1) as r:
+        (lp,) = make_loops(r, 1, "none")
+        guest = KvmGuest(lp.stun, r, 1, profiles.load("io-heavy"), {})
+        try:
+            st = lp.state
+            st.set(HOST, 1)
+            lp.asi.access(lp.mem.secrets[0])          # host data, in the buffer
+            st.set(ASI, 1)
+            st.enter_guest()
+            assert guest.run(20_000, 0) is False
+            assert counter(lp.cpu, "check.samples") == 1
+            assert counter(lp.cpu, "check.leak_host") >= 1
+            st.exit_guest(ASI)
+            st.flush(lp.cpu.c("buffer.flushes"))
+            leaks = counter(lp.cpu, "check.leaks")
+            st.enter_guest()
+            assert guest.run(20_000, 0) is False
+            assert counter(lp.cpu, "check.leaks") == leaks   # flushed: nothing new seen
+            st.exit_guest(ASI)
+        finally:
+            guest.close()
+            close_loops([lp])
+
+
+@pytest.mark.requires_kvm
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+def test_cli_real_vcpus_end_to_end(tmp_path):
+    r = asirt("bench", "kvm", "--guest", "kvm", "--strategy", "none,asi", "--duration", "0.8",
+              "--out", str(tmp_path), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "guest kvm: /dev/kvm" in r.stdout and "real exits: IO round trip" in r.stdout
+    res = _result(tmp_path)
+    none, asi = res["scenarios"]
+    for s in (none, asi):
+        assert s["guest"] == "kvm" and s["ok"]
+        assert s["metrics"]["kvm_exit_roundtrip"]["count"] > 0
+        assert s["metrics"]["kvm_exit_hlt"]["count"] > 0
+        floor = s["kvm_floor"]
+        assert floor["kind"] == "c-kvm-exit-floor"
+        assert floor["p50_ns"] is None or floor["ratio_p50"] > 0
+    assert none["counters"]["check.leaks"] > 0                 # seen by the real guest
+    assert asi["counters"]["violations"] == 0 and asi["leaks"] == []
+    assert asi["metrics"]["kick_to_exit"]["count"] > 0          # stuns kicked real vCPUs
+    assert asi["counters"]["kvm.kicked"] > 0
+
+
+@pytest.mark.requires_kvm
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+def test_cli_real_vcpus_catch_a_broken_strategy(tmp_path):
+    r = asirt("bench", "kvm", "--guest", "kvm", "--strategy", "always-noflush", "--duration",
+              "0.8", "--no-floor", "--out", str(tmp_path), "--quiet")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "under a variant that claims safety" in r.stderr
+
+
+@pytest.mark.requires_kvm
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+def test_every_strategy_on_real_vcpus_against_its_claim():
+    from asirt.kvm import strategy
+    from asirt.scenarios import KvmOptions
+    from asirt.scenarios.kvm import run_kvm
+    from tests.fixtures import test_topology
+    entries = list(run_kvm(test_topology(), KvmOptions(guest="kvm"), 0.6, reference=False))
+    assert [e.strategy for e in entries] == list(strategy.NAMES)
+    for e in entries:
+        assert e.failures == [] and e.problems == [], (e.strategy, e.failures, e.problems)
+        assert e.extra["guest"] == "kvm"
+        if e.claims_safety:
+            assert e.counters["violations"] == 0 and e.leaks == [], e.strategy
+    by = {e.strategy: e for e in entries}
+    assert by["none"].extra["kvm"]["leaks_per_s"]["host"] > 0
+    assert by["coresched"].extra["kvm"]["leaks_per_s"]["host"] > 0
