@@ -3,7 +3,8 @@ and whether a protocol is safe, with real pinned processes over POSIX shared mem
 
 Layering (each layer imports only those listed below it; tests/test_layering.py enforces it):
 
-    cli, scenarios, orchestrator, results, plot, cfloor, kvmfloor, model    the parent side
+    cli, scenarios, orchestrator, results, comparison, plot, cfloor, kvmfloor, model
+                     the parent side
     workers (the programs each pinned process runs)
     asirt.kvm        the KVM workload: strategies, exit profiles, the one vCPU loop
     asirt.mm, asirt.sync    address spaces | sibling synchronization (peers: never each other)
