@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from asirt import results, scenarios
 from asirt.cpu.transport import TRANSPORTS
@@ -76,24 +76,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:     # (NaN fails this too)
-        raise argparse.ArgumentTypeError(f"{text} is not a probability: choose 0..1")
-    return value
+def _number(ok: Callable[[float], bool], want: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ``ok`` holds (NaN never does), else ``want``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text} {want}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive, finite number")
-    return value
+_probability = _number(lambda v: 0.0 <= v <= 1.0, "is not a probability: choose 0..1")
+_positive_float = _number(lambda v: v > 0, "must be a positive, finite number")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from asirt.results import fmt_ns
+
 __all__ = ["format_strategies"]
 
 
@@ -40,15 +42,6 @@ def _num(x: float | None) -> str:
     return f"{x:,.0f}"
 
 
-def _ns(v: Any) -> str:
-    if v is None:
-        return "-"
-    v = float(v)
-    if v >= 1e6:
-        return f"{v / 1e6:.2f}ms"
-    if v >= 1e4:
-        return f"{v / 1e3:.1f}us"
-    return f"{v:.0f}ns"
 
 
 def _render(head: list[str], rows: list[list[str]], right: Iterable[int]) -> str:
@@ -101,9 +94,9 @@ def _blocks(group: list[dict[str, Any]]) -> list[str]:
 
         def pp(name: str) -> list[str]:
             x = m.get(name) or {}
-            return [_ns(x.get("p50")), _ns(x.get("p99"))] if x.get("count") else ["-", "-"]
+            return [fmt_ns(x.get("p50")), fmt_ns(x.get("p99"))] if x.get("count") else ["-", "-"]
         three.append([s["strategy"], *pp("exit_handling"), *pp("stun_roundtrip"),
-                      *pp("barrier_wait"), _ns((m.get("vm_cycle_overhead") or {}).get("p50")),
+                      *pp("barrier_wait"), fmt_ns((m.get("vm_cycle_overhead") or {}).get("p50")),
                       f"{ratio:.1f}" if ratio is not None else "-"])
         t = k.get("time") or {}
         four.append([s["strategy"], *(f"{100 * t[key]:.1f}" if key in t else "-"
@@ -132,12 +125,12 @@ def _real_guest(group: list[dict[str, Any]]) -> str:
         ratio = floor.get("ratio_p50")
         kick = max(((e.get("metrics", {}).get("kick_to_exit") or {}) for e in group),
                    key=lambda k: k.get("count") or 0)
-        lines.append(f"real exits: IO round trip p50 {_ns(rt)}"
-                     + (f" (C floor {_ns(floor.get('p50_ns'))}, x ref {ratio:.2f})"
+        lines.append(f"real exits: IO round trip p50 {fmt_ns(rt)}"
+                     + (f" (C floor {fmt_ns(floor.get('p50_ns'))}, x ref {ratio:.2f})"
                         if ratio else f" (C floor: {floor.get('skipped', 'not measured')})"[:90])
-                     + f", MMIO {_ns((m.get('kvm_exit_mmio') or {}).get('p50'))}, HLT "
-                     f"{_ns((m.get('kvm_exit_hlt') or {}).get('p50'))}; kick to exit p50 "
-                     f"{_ns(kick.get('p50')) if kick.get('count') else '-'}")
+                     + f", MMIO {fmt_ns((m.get('kvm_exit_mmio') or {}).get('p50'))}, HLT "
+                     f"{fmt_ns((m.get('kvm_exit_hlt') or {}).get('p50'))}; kick to exit p50 "
+                     f"{fmt_ns(kick.get('p50')) if kick.get('count') else '-'}")
     return "\n".join(lines)
 
 

@@ -312,22 +312,7 @@ class Stun:
     def wait_acks(self) -> bool:
         """R2 (strict). False: given up (and released), or stopping."""
         cpu, w, g = self.cpu, self.w, self.g
-        acked, limit = self.acked, cpu.waiter.limit
-        live = cpu.live
-        if len(live) == 1 and cpu.dl is None:
-            # One sibling, no injected delays: the benchmark's fast path of R2.
-            j = live[0]
-            ia, gk = self.s_ack_me[j], self.s_gen[j]
-            n = 0
-            while w[ia] != g:
-                x = w[gk]
-                if x & 1 and x != acked[j]:
-                    self.ack_pending()
-                n += 1
-                if n >= limit:
-                    break                    # slow: the general loop below takes over
-            else:
-                return True
+        limit = cpu.waiter.limit
         if cpu.dl:
             cpu.dl()
         sp, index = cpu.safepoint, self.index
