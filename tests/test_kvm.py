@@ -290,3 +290,25 @@ def test_cli_refuses_an_option_of_another_scenario(scenario, option, tmp_path):
     r = asirt("bench", scenario, *option, "--out", str(tmp_path), timeout=60)
     assert r.returncode == 2 and "applies to bench" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_keeps_what_the_repetitions_measured(monkeypatch):
+    """Ctrl-C in the second repetition: each strategy's first run is handed out, marked
+    partial, before the interrupt goes on (with one repetition entries go out at once)."""
+    from asirt.scenarios import kvm as scenario
+    real, calls = scenario._one, []
+
+    def one(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(scenario, "_one", one)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for e in run_kvm(test_topology(), _emulated(strategies=("none", "asi"), repeat=2), 0.3,
+                         reference=False):
+            got.append(e)
+    assert [e.strategy for e in got] == ["none", "asi"]
+    assert all(e.extra["partial"] == "1 of 2 runs" for e in got)
+    assert got[1].extra["kvm"]["guest_vs_none"] is not None

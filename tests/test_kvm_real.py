@@ -137,3 +137,108 @@ def test_every_strategy_on_real_vcpus_against_its_claim():
     by = {e.strategy: e for e in entries}
     assert by["none"].extra["kvm"]["leaks_per_s"]["host"] > 0
     assert by["coresched"].extra["kvm"]["leaks_per_s"]["host"] > 0
+
+
+def _kvm_fds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "kvm" in target:
+            out.append(target)
+    return out
+
+
+def _kvm_maps() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "kvm" in line]
+
+
+@pytest.mark.requires_kvm
+def test_a_real_guest_sees_a_sibling_s_host_data_under_none_and_nothing_left_after():
+    """What a sibling left in HOST (its lane of the core buffer) is what the real guest reads
+    through its window; closing the backend leaves no KVM fd or mapping behind."""
+    fds, maps = _kvm_fds(), _kvm_maps()
+    with cpu_region(2, vms=1) as r:
+        loops = make_loops(r, 2, "none")
+        a, b = loops
+        guest = KvmGuest(a.stun, r, 1, profiles.load("io-heavy"), {})
+        try:
+            assert len(_kvm_fds()) > len(fds)
+            b.state.set(HOST, 1)
+            b.asi.access(b.mem.secrets[0])           # the sibling's host data, in its lane
+            st = a.state
+            st.set(ASI, 1)
+            st.enter_guest()
+            assert guest.run(20_000, 0) is False
+            assert counter(a.cpu, "check.leak_host") >= 1
+            st.exit_guest(ASI)
+        finally:
+            guest.close()
+            close_loops(loops)
+    assert _kvm_fds() == fds and _kvm_maps() == maps
+
+
+def _progress_until(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> list[str]:
+    lines: list[str] = []
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError("".join(lines))
+
+
+@pytest.mark.requires_kvm
+@pytest.mark.multiprocess
+@pytest.mark.requires_cpus(2)
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9-of-a-vcpu"])
+def test_real_vcpus_leave_nothing_after_a_ctrl_c_or_a_kill(how, tmp_path):
+    import signal
+
+    import psutil
+
+    from shm_layout import list_leftovers
+    proc = subprocess.Popen([sys.executable, "-m", "asirt", "bench", "kvm", "--guest", "kvm",
+                             "--strategy", "none,asi", "--duration", "3", "--no-floor", "--out",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        import time
+        _progress_until(proc, "[2/2] kvm asi")
+        deadline = time.monotonic() + 60
+        workers: list = []
+        while len(workers) < 3 and time.monotonic() < deadline:   # two vCPUs and the monitor
+            workers = [c for c in psutil.Process(proc.pid).children()
+                       if "workers" in " ".join(c.cmdline())]
+            time.sleep(0.05)
+        assert len(workers) >= 3
+        time.sleep(1.0)                           # in the loop, past the start barrier
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            next(w for w in workers if "vcpu" in " ".join(w.cmdline())).kill()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == (130 if how == "ctrl-c" else 1), err[-2000:]
+        res = _result(tmp_path)
+        assert res["scenarios"][0]["strategy"] == "none" and res["scenarios"][0]["ok"]
+        if how == "ctrl-c":
+            assert res["interrupted"] is True
+        else:
+            assert "killed by SIGKILL" in res["scenarios"][1]["failures"][0]
+        assert not psutil.wait_procs(workers, timeout=30)[1]
+        assert not [lo for lo in list_leftovers() if lo.creator_pid == proc.pid]
+    finally:
+        if proc.poll() is None:                   # the test failed half-way: clean up
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

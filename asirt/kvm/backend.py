@@ -34,6 +34,9 @@ SAMPLE_EVERY = 16
 
 class GuestBackend(Protocol):
     name: str
+    #: how long the last slice ran the guest itself (the emulated guest: its drawn interval;
+    #: a real one: the time inside KVM_RUN), which vm_cycle_overhead leaves out
+    ran_ns: int
 
     def run(self, interval_ns: int, reason: int) -> bool:
         """Run the guest (the CPU is in GUEST) for ``interval_ns``, then exit with ``reason``.
@@ -53,8 +56,11 @@ class EmulatedGuest:
         self._guest = guest_busy if self.cpu.transport.kind == "signal" else guest_poll
         self.c_sample_ns = self.cpu.c("check.sample_ns")
 
+    ran_ns = 0
+
     def run(self, interval_ns: int, reason: int) -> bool:
         cpu, w, c_ns = self.cpu, self.cpu.w, self.c_sample_ns
+        self.ran_ns = interval_ns
         deadline = now() + interval_ns
         k = 0
 

@@ -26,7 +26,8 @@ sibling at the safe point); strategies with a barrier refuse VM entry beside ano
 the lane then picks that VM's vCPU next.
 
 ``vm_cycle_overhead`` is the runtime's own cost per cycle: the time from one VM exit to the
-next, minus the guest interval and the handler time the profile drew (a HLT's halt included).
+next, minus the guest's own time (the drawn interval; for real vCPUs the time inside KVM_RUN)
+and the handler time the profile drew (a HLT's halt included).
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ class VcpuLoop:
             self.t_exit = 0
             return None
         if self.t_exit:
-            self.rec_overhead(t_exit - self.t_exit - interval - self.owed)
+            self.rec_overhead(t_exit - self.t_exit - self.backend.ran_ns - self.owed)
         self.t_exit = t_exit
         self._exit()
         self.owed = self._handle(i, reason)

@@ -85,6 +85,7 @@ class KvmGuest:
     """The guest backend of a lane that runs real vCPUs (module docstring)."""
 
     name = "kvm"
+    ran_ns = 0
 
     def __init__(self, stun: Stun, region: Region, vms: int, profile: Profile,
                  rec: dict[str, Recorder | None], path: str = DEFAULT_PATH) -> None:
@@ -173,12 +174,15 @@ class KvmGuest:
         kind = self.kinds[reason]
         iters = int((interval_ns - self.sample_ns) / self.ns_per_iter)
         seq = self._post(v, kind, reason, iters if iters > 0 else 0, True)
+        self.ran_ns = 0
         fence()                         # our GUEST store before the look for a request
         if stun.pending() and stun.answer():
             return True                 # parked before entering: the request was first
         run = v.vcpu.run
         while True:
+            t0 = now()
             e = run()
+            self.ran_ns += now() - t0
             if e.kind == ExitKind.INTR:
                 t = now()
                 if self.rec_kick is not None:

@@ -252,23 +252,47 @@ def run_kvm(topo: Topology, opts: KvmOptions, duration_s: float,
     for value in values:
         profile, o = _swept(base, opts, key, value)
         runs: dict[str, list[tuple[Plan, Any]]] = {s: [] for s in o.strategies}
-        for rep in range(o.repeat):
+        done: list[Entry] = []
+
+        def entry(s: str) -> Entry:
+            done.append(_entry(s, runs[s], o, profile, ref, topo, key, value))
+            return done[-1]
+        try:
+            for rep in range(o.repeat):
+                for s in o.strategies:
+                    where = f" {key}={value:g}" if key else ""
+                    label = (f"kvm {s}{where} cpus {','.join(map(str, sum(core_cpus, [])))}"
+                             + (f" (run {rep + 1}/{o.repeat})" if o.repeat > 1 else ""))
+                    pl, out = _one(topo, s, profile, o, duration_s, progress, label)
+                    runs[s].append((pl, out))
+                    if progress is not None:
+                        progress.done(_progress_text(out))
+                    if o.repeat == 1:
+                        yield entry(s)       # at once: a later interrupt cannot lose it
+        except KeyboardInterrupt:
+            # what the repetitions that completed measured, marked partial; then the
+            # interrupt goes on to the caller, which keeps every entry it was given
+            if o.repeat > 1:
+                for s, rs in runs.items():
+                    if rs:
+                        e = entry(s)
+                        e.extra["partial"] = f"{len(rs)} of {o.repeat} runs"
+                        yield e
+            _relative_to_none(done)
+            raise
+        if o.repeat > 1:
             for s in o.strategies:
-                where = f" {key}={value:g}" if key else ""
-                label = (f"kvm {s}{where} cpus {','.join(map(str, sum(core_cpus, [])))}"
-                         + (f" (run {rep + 1}/{o.repeat})" if o.repeat > 1 else ""))
-                pl, out = _one(topo, s, profile, o, duration_s, progress, label)
-                runs[s].append((pl, out))
-                if progress is not None:
-                    progress.done(_progress_text(out))
-        entries = [_entry(s, rs, o, profile, ref, topo, key, value) for s, rs in runs.items()]
-        none = next((e for e in entries if e.strategy == "none"), None)
-        for e in entries:
-            gf = e.extra["kvm"]["guest_fraction"]
-            e.extra["kvm"]["guest_vs_none"] = (
-                gf / none.extra["kvm"]["guest_fraction"]
-                if none is not None and none.extra["kvm"]["guest_fraction"] else None)
-            yield e
+                yield entry(s)
+        _relative_to_none(done)
+
+
+def _relative_to_none(entries: list[Entry]) -> None:
+    """Each entry's guest fraction relative to none's of the same sweep point (filled in on
+    entries already handed out: the caller builds its results after the last one)."""
+    none = next((e for e in entries if e.strategy == "none"), None)
+    base = none.extra["kvm"]["guest_fraction"] if none is not None else None
+    for e in entries:
+        e.extra["kvm"]["guest_vs_none"] = e.extra["kvm"]["guest_fraction"] / base if base else None
 
 
 def _exit_floor(cpu: int, progress: ProgressLine | None) -> dict[str, Any]:
