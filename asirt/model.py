@@ -7,7 +7,8 @@ verdict (``MONITOR: S1 violated ...``) is put in ``violations``.
 
 Variants (see model/README.md): ``strict`` (the reference protocol; must verify),
 ``naive`` (no ack wait: S1 must fail), ``peek`` (wait only for siblings seen in GUEST:
-S1 must fail). Checks: ``safety`` (S1, S2, S3 and invalid end states = deadlock),
+S1 must fail), ``hold`` (a lane going idle raises its generation without waiting for acks
+and shows domain 0 before its flush: S3 must fail). Checks: ``safety`` (S1, S2, S3 and invalid end states = deadlock),
 ``progress`` (no non-progress cycle under weak fairness), ``granted`` (LTL: a waiting
 requester always gets HOST, under weak fairness; strict only).
 
@@ -30,7 +31,7 @@ from asirt.errors import BadInput, FeatureMissing
 
 __all__ = ["ModelResult", "verify", "model_path", "VARIANTS", "CHECKS"]
 
-VARIANTS = ("strict", "naive", "peek")
+VARIANTS = ("strict", "naive", "peek", "hold")
 CHECKS = ("safety", "progress", "granted")
 
 #: the model, in the source tree next to the package

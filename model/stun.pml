@@ -156,6 +156,7 @@ M:  /* main loop, mode IDLE (dom 0) or ASI(dom).  Safe point: stuns first. */
     :: ANY_PENDING -> goto handle
     :: !ANY_PENDING && dom[me] != 0 -> goto barrier       /* run the vCPU */
     :: !ANY_PENDING -> goto request                       /* asi_exit / schedule() */
+    :: !ANY_PENDING && dom[me] != 0 && mode[me] == ASI -> goto goidle   /* idle, no HOST */
     fi;
 
     /* ---------------- stun handling (safe point, or IPI in GUEST) ---------------- */
@@ -185,14 +186,20 @@ P2: j = 0;
     /* ---------------- VM-entry barrier (mode ASI(d), d != 0) ---------------- */
 barrier:
     j = FIRST;
-B1: do
+B1: do      /* B1 and B3 of each sibling as two loads, as the runtime does them */
     :: j == N -> break
-    :: j < N && ACTIVE(j) -> goto bfail                    /* B1: load gen[j]: active */
-    :: j < N && !ACTIVE(j) && FOREIGN(j) -> goto bdom      /* B3: gen[j] even, then load dom[j] */
-    :: j < N && !ACTIVE(j) && !FOREIGN(j) -> j = NEXT(j)
+    :: j < N ->
+        if
+        :: ACTIVE(j) -> goto bfail                     /* B1: load gen[j]: active */
+        :: else -> skip
+        fi;
+        if
+        :: FOREIGN(j) -> goto bdom                     /* B3: then load dom[j] */
+        :: else -> j = NEXT(j)
+        fi
     od;
-    /* (B1 and B3 of one sibling in one step is exact: dom[j] changes only in j's
-     * HOST period, which needs my ack, and I do not ack inside the barrier.
+    /* (A sibling's dom may change between the two loads: in its HOST period, which
+     * needs my ack, or on its way to idle (goidle), which keeps dom until its flush.
      * B2, the runtime's defensive "mode[j] != HOST", is deliberately not modelled:
      * the protocol must be, and is, safe without it.) */
 B4: j = 0;
@@ -217,6 +224,23 @@ bfail:                                        /* a stun is active: safe point ne
 bdom:                                         /* another domain on the core: core */
     j = 0;                                    /* scheduling must switch or idle */
     goto request;
+
+    /* ---------------- a lane goes idle without the kernel (VcpuLoop._go_idle) ---------- */
+goidle:
+#if defined(HOLD)
+    /* broken on purpose: R1 without R2 (Stun.hold), IDLE and dom 0 at once, R6, R7:
+     * a sibling between its B1 and B3 loads enters another VM over our data (S3) */
+    gen[me] = 1;
+    d_step { mode[me] = IDLE; dom[me] = 0 };
+    atomic { buf_host = ANY(IN_HOST); buf_tok[1] = ANY(RUNS1); buf_tok[2] = ANY(RUNS2) };
+    d_step { gen[me] = 0; CLEAR_ACKS };
+#else
+    /* State.go_idle: IDLE keeping dom (B3 still refuses other VMs), flush, then dom 0 */
+    mode[me] = IDLE;
+    atomic { buf_host = ANY(IN_HOST); buf_tok[1] = ANY(RUNS1); buf_tok[2] = ANY(RUNS2) };
+    dom[me] = 0;
+#endif
+    goto M;
 
     /* ---------------- requester: asi_exit ... asi_enter ---------------- */
 request:  /* mode IDLE or ASI */

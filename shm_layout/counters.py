@@ -51,6 +51,7 @@ COUNTERS = (
     "barrier.busy",         # ... failed: a sibling requested, or is in HOST
     "barrier.dom",          # ... failed: a sibling runs another domain
     "barrier.flushes",      # flushes the barrier did because this CPU's taints asked for one
+    "cpu.idle_flushes",     # flushes on the way to idle without the kernel (State.go_idle)
     "barrier.rv_rounds",    # rendezvous rounds this CPU completed
     # core scheduling (asirt.sync.coresched)
     "coresched.tasks",

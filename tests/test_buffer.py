@@ -264,3 +264,14 @@ def test_each_domain_has_its_own_class_in_the_summary():
             range(1, MAX_DOMAINS + 1)] == list(range(1, MAX_DOMAINS + 1))
     assert [token_cls_index(period_token(d)) for d in range(1, MAX_DOMAINS + 1)] == \
         list(range(1, MAX_DOMAINS + 1))
+
+
+def test_new_leaks_reports_to_a_guest_of_another_domain_what_it_saw_before(lanes):
+    """What a guest of domain 1 saw (its own data) is news to a guest of domain 2 on the same
+    lane, if nobody flushed in between: 'reported once' is per domain."""
+    a, b, _ = lanes
+    tok = make_token(MemClass.LOCAL, 1, 7)
+    b.deposit(tok)
+    assert a.new_leaks(1) == []                 # domain 1's own data
+    assert a.new_leaks(2) == [Seen(1, tok)]     # after a switch without a flush: a leak
+    assert a.new_leaks(2) == []                 # once

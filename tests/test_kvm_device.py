@@ -23,8 +23,9 @@ from asirt.cfloor import compiler
 from asirt.errors import BadInput, FeatureMissing
 from asirt.kvm import api, guest, vm as kvmvm
 from asirt.kvmfloor import CProgram, ExitFloor
-from asirt.kvm.guest import (CODE, CODE_GPA, IO_PORT_BASE, MMIO_GPA, SAMPLE_MAX, WINDOW_MAX,
-                             WORK_FOREVER, Request, measure_exit_roundtrip)
+from asirt.kvm.guest import (CODE, CODE_GPA, IO_PORT_BASE, MMIO_GPA, SAMPLE_AFTER,
+                             SAMPLE_BEFORE, SAMPLE_MAX, WINDOW_MAX, WORK_FOREVER, Request,
+                             measure_exit_roundtrip)
 from asirt.kvm.vm import (Exit, ExitKind, GuestFailed, Vcpu, Vm, buffer_address, kick,
                           kick_thread, probe)
 from tests.kvm_fixtures import (is_mapped, kick_from_process, kick_from_thread, kvm_fds,
@@ -240,15 +241,19 @@ def test_guest_reads_the_window_and_sees_changes(after):
         with loaded_guest() as (program, vcpu):
             program.map_window(buf, 0, WINDOW_MAX)
             request = Request(seq=1, exit_kind=ExitKind.IO, sample_off=0x1FF0, sample_len=300,
-                              sample_after=after, work_iters=10)
+                              sample_when=SAMPLE_AFTER if after else SAMPLE_BEFORE,
+                              work_iters=10)
             program.post(request)
             assert vcpu.run().kind is ExitKind.IO
-            assert program.output() == (1, bytes(buf[0x1FF0:0x1FF0 + 300]))
+            out = program.output()
+            assert (out.seq, out.copies, out.data) == (1, 1, bytes(buf[0x1FF0:0x1FF0 + 300]))
+            assert (out.after if after else out.before) == out.data
             buf[0x2000:0x2010] = 0xAB                       # the host writes between runs
             program.post(request._replace(seq=2))
             vcpu.run()
-            assert program.output() == (2, bytes(buf[0x1FF0:0x1FF0 + 300]))
-            assert program.output().data[16:32] == b"\xab" * 16
+            out = program.output()
+            assert (out.seq, out.data) == (2, bytes(buf[0x1FF0:0x1FF0 + 300]))
+            assert out.data[16:32] == b"\xab" * 16
     finally:
         del buf
         backing.close()
@@ -539,3 +544,31 @@ def test_kick_latency_is_bounded_generously():
         start = time.monotonic()
         latencies = kick_from_thread(program, vcpu, rounds=3)
     assert max(latencies) < 5e9 and time.monotonic() - start < 30
+
+
+@requires_kvm
+def test_a_pass_copies_the_window_before_and_after_its_work_and_counts_each_copy():
+    backing = mmap.mmap(-1, WINDOW_MAX)
+    try:
+        backing[:8] = b"earlier!"
+        with loaded_guest() as (program, vcpu):
+            program.map_window(backing, 0, WINDOW_MAX)
+            program.post(Request(seq=3, exit_kind=ExitKind.HLT, sample_len=8,
+                                 sample_when=SAMPLE_BEFORE | SAMPLE_AFTER, work_iters=10))
+            assert vcpu.run().kind is ExitKind.HLT
+            out = program.output()
+            assert (out.seq, out.copies, out.before, out.after) == (3, 2, b"earlier!",
+                                                                   b"earlier!")
+            program.post(Request(seq=4, exit_kind=ExitKind.HLT, sample_len=8,
+                                 sample_when=SAMPLE_BEFORE | SAMPLE_AFTER,
+                                 work_iters=WORK_FOREVER))
+            threading.Timer(0.05, lambda: backing.__setitem__(slice(0, 8), b"later!!!")).start()
+            threading.Timer(0.1, lambda: program.post(Request(
+                seq=4, exit_kind=ExitKind.HLT, sample_len=8,
+                sample_when=SAMPLE_BEFORE | SAMPLE_AFTER))).start()
+            assert vcpu.run().kind is ExitKind.HLT
+            out = program.output()
+            assert (out.seq, out.copies, out.before, out.after) == (4, 2, b"earlier!",
+                                                                   b"later!!!")
+    finally:
+        backing.close()

@@ -7,7 +7,9 @@ import time
 import pytest
 
 from asirt.cpu import ASI, GUEST, HOST, IDLE
+from asirt.cpu.checks import sample_leaks
 from asirt.kvm import strategy
+from asirt.sync.barrier import Result
 from tests.fixtures import close_loops, counter, cpu_region, make_loops, mode_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,5 +155,50 @@ def test_a_lane_going_idle_leaves_no_vm_data_for_its_sibling(name, how):
                 a._go_idle()
             assert mode_of(a.cpu) == IDLE and a.stun.g % 2 == 0 and not a.stun_held
             assert b.cpu.buffer.dirty_for(2) is None
+        finally:
+            close_loops(loops)
+
+
+@pytest.mark.parametrize("name", ["always", "asi", "kcs", "asi+kcs"])
+@pytest.mark.parametrize("preempted", [False, True])
+def test_a_sibling_between_its_b1_and_b3_never_enters_over_an_idling_lane_s_data(name,
+                                                                                   preempted):
+    """B loads A's generation (even), then A goes idle, then B loads A's domain (B3). With a
+    generation raised but domain 0 shown before the flush (Stun.hold, once), B entered VM 2
+    over VM 1's data. Now A keeps its domain until its flush: B is refused while A is between
+    the two (``preempted``), and finds the buffer flushed after (model/README.md, step I)."""
+    with cpu_region(2, vms=2) as r:
+        loops = make_loops(r, 2, name, vms=2)
+        try:
+            a, b = loops
+            a.state.set(ASI, 1)
+            a.asi.access(a.mem.local[1][0])       # VM 1's data in the core buffer
+            b.state.set(ASI, 2)                   # B is about to enter VM 2
+            calls = []
+
+            class Preempted(Exception):
+                pass
+
+            def flush_never_comes(reason: int) -> None:
+                raise Preempted                   # A stops running just before its flush
+
+            def between_b1_and_b3() -> None:      # B's delay hook runs after its B1 load
+                calls.append(1)
+                if len(calls) == 1:
+                    if preempted:
+                        a.state.flush = flush_never_comes
+                        with pytest.raises(Preempted):
+                            a._go_idle()
+                    else:
+                        a._go_idle()
+            b.cpu.dl = between_b1_and_b3
+            res = b.barrier.enter(10**9 if not preempted else 50_000_000)
+            b.cpu.dl = None
+            assert calls
+            if preempted:
+                assert res == Result.DOMAIN and mode_of(b.cpu) == ASI
+            else:
+                assert res == Result.OK and mode_of(b.cpu) == GUEST
+                assert counter(b.cpu, "check.s3") == 0 and sample_leaks(b.cpu) == 0
         finally:
             close_loops(loops)

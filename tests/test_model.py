@@ -94,3 +94,15 @@ def test_temporary_directory_is_removed(spin: None, tmp_path) -> None:
                                           ("1.2345678e+08 states, stored", 123456780)])
 def test_state_count_is_read_in_both_of_pans_forms(line: str, states: int) -> None:
     assert _int(STATES_RE, f"State-vector 64 byte, depth reached 99\n{line}\n") == states
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_going_idle_without_the_flush_first_violates_s3(spin: None, n: int) -> None:
+    """A lane that shows domain 0 before its flush (raising its generation without waiting
+    for acks does not help: a sibling between its B1 and B3 loads misses it) lets that
+    sibling enter another VM over its data; keeping the domain until the flush is safe
+    (the strict model above includes that idle step)."""
+    res = verify(n, "hold", timeout=100)
+    assert res.errors >= 1
+    assert any(v.startswith("S3 violated") for v in res.violations), res.output

@@ -64,9 +64,10 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
                             SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
                             {m: ctx.recorder(m) for m in METRICS})
             cpu.start()
-            loop.start()
+            started = loop.start()
             try:
-                loop.run(ctx.stop_requested)
+                if started:
+                    loop.run(ctx.stop_requested)
             finally:
                 loop.stop()
                 ctx.words[ctx.slot_word(ctx.slot, "samples")] = ctx.words[cpu.c("kvm.cycles")]

@@ -96,6 +96,7 @@ class CoreBuffer:
         self._plans: dict[tuple[int, int], list] = {}  # dirty_for's reads, per domain
         self._seen_head = [0] * n                     # incremental sampling (see new_leaks)
         self._seen_open = [0] * n                     # the open period last reported, per lane
+        self._seen_dom = -1                           # ... to a guest of this domain
 
     # -- writing (this lane) ---------------------------------------------------------------
     def deposit(self, token: int) -> None:
@@ -246,6 +247,10 @@ class CoreBuffer:
         out: list[Seen] = []
         if w is None:
             w, reads = self.w, self._reads
+        if domain != self._seen_dom:         # what another domain saw is news to this one
+            self._seen_dom = domain
+            self._seen_head = [0] * self.nlanes
+            self._seen_open = [0] * self.nlanes
         seen_head, seen_open = self._seen_head, self._seen_open
         for s, i_head, i_open, i_oseq, marks, covers, _, ring in reads:
             head = w[i_head]

@@ -50,6 +50,7 @@ C_TRANSITIONS = COUNTER["cpu.transitions"]
 C_GUEST_ENTRIES, C_HOST_ENTRIES = COUNTER["cpu.guest_entries"], COUNTER["cpu.host_entries"]
 C_FLUSHES, C_DEPOSITS = COUNTER["buffer.flushes"], COUNTER["buffer.deposits"]
 C_FLUSH_NS = COUNTER["buffer.flush_ns"]
+C_IDLE_FLUSHES = COUNTER["cpu.idle_flushes"]
 
 
 class State:
@@ -182,6 +183,19 @@ class State:
             self.period = -1
             self._taint_period(old)
         self.ntrans += 1
+
+    def go_idle(self, flush: bool = True) -> None:
+        """To the idle task without the kernel (model/README.md, step I): IDLE keeping the
+        domain -- the VM-entry barrier's B3 still refuses a sibling another VM -- then the flush
+        of what the ended period left (when this CPU's taints ask for it; ``flush=False``: a
+        strategy that never flushes), then domain 0. A sibling that reads domain 0 finds the
+        buffer flushed."""
+        if self.mode != IDLE:
+            self.set(IDLE, self.dom)
+        if flush and self.taint:
+            self.flush(self.cnt + C_IDLE_FLUSHES)
+        if self.dom:
+            self.set(IDLE, 0)
 
     def set_domain(self, dom: int) -> None:
         """R4: the domain changes only in HOST (schedule() picks another vCPU, or idles)."""

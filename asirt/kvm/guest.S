@@ -15,11 +15,12 @@
 #       (a pass that spun echoes the seq that started it);
 #   (b) work: work_iters iterations of `dec; jnz`; WORK_FOREVER (0xffffffff) instead spins
 #       until the host changes work_iters (KVM_RUN returns meanwhile only when kicked);
-#   (c) if sample_len != 0, before (b) when sample_after == 0, else after it: copy
-#       sample_len bytes (at most SAMPLE_MAX, in whole dwords, highest address first) from
-#       the read-only window at sample_off into
-#       the output page after the header: the guest, as a side-channel attacker, reading the
-#       core buffer that a shared-memory region exposes;
+#   (c) if sample_len != 0: before (b) when sample_when has SAMPLE_BEFORE, after it when it
+#       has SAMPLE_AFTER (both: two copies), copy sample_len bytes (at most SAMPLE_MAX, in
+#       whole dwords, highest address first) from the read-only window at sample_off into
+#       the output page's area for it (OUT_BEFORE, OUT_AFTER), counting each finished copy
+#       in the header (OUT_COPIES): the guest, as a side-channel attacker, reading the core
+#       buffer that a shared-memory region exposes;
 #   (d) exit with the drawn kind: EXIT_IO: `out %al, %dx` to port IO_PORT_BASE + exit_code
 #       (exit_code < 256) with the data byte exit_code; EXIT_MMIO: a 4-byte write of
 #       exit_code to the unmapped MMIO_GPA (= MMIO_SEG:MMIO_OFF); EXIT_HLT: `hlt`. When the
@@ -69,10 +70,12 @@ halt:	hlt				# EXIT_HLT (and any unknown kind)
 	jmp	top
 
 steps:	# (c) before the work?
+	movl	$0, OUTPUT+OUT_COPIES	# no copy of this pass yet
 	mov	MAILBOX+MB_SAMPLE_LEN, %ecx
 	jecxz	work
-	cmpl	$0, MAILBOX+MB_SAMPLE_AFTER
-	jne	work
+	testl	$SAMPLE_BEFORE, MAILBOX+MB_SAMPLE_WHEN
+	jz	work
+	mov	$OUTPUT+OUT_BEFORE, %edi
 	call	sample
 
 work:	# (b) work_iters iterations of the work loop
@@ -86,8 +89,9 @@ work:	# (b) work_iters iterations of the work loop
 after:	# (c) after the work?
 	mov	MAILBOX+MB_SAMPLE_LEN, %ecx
 	jecxz	exit
-	cmpl	$0, MAILBOX+MB_SAMPLE_AFTER
-	je	exit
+	testl	$SAMPLE_AFTER, MAILBOX+MB_SAMPLE_WHEN
+	jz	exit
+	mov	$OUTPUT+OUT_AFTER, %edi
 	call	sample
 	jmp	exit
 
@@ -96,17 +100,17 @@ forever:	# WORK_FOREVER: spin until the host writes another work_iters
 	je	forever
 	jmp	after
 
-sample:	# copy ECX (clamped to SAMPLE_MAX) bytes from WINDOW_SEG:sample_off to the output data,
-	# four at a time (the host asks for whole words; an emulated rep costs per iteration),
-	# from the highest address down: a core-buffer lane's head and marks are read before
-	# its ring, the order its writer's stores need (a deposit stores the ring entry, then
-	# the head), so a deposit that races the copy is seen whole or not at all
+sample:	# copy ECX (clamped to SAMPLE_MAX) bytes from WINDOW_SEG:sample_off to ES:EDI (the
+	# output's area for this copy), four at a time (the host asks for whole words; an
+	# emulated rep costs per iteration), from the highest address down: a core-buffer lane's
+	# head and marks are read before its ring, the order its writer's stores need (a deposit
+	# stores the ring entry, then the head), so a deposit that races the copy is seen whole
+	# or not at all; then count the copy done (the host trusts only counted copies)
 	cmp	$SAMPLE_MAX, %ecx
 	jbe	1f
 	mov	$SAMPLE_MAX, %ecx
 1:	shr	$2, %ecx		# dwords (a tail of 1-3 bytes is not copied)
 	mov	MAILBOX+MB_SAMPLE_OFF, %esi
-	mov	$OUTPUT+OUT_DATA, %edi
 	lea	-4(%esi,%ecx,4), %esi	# the last dword of each
 	lea	-4(%edi,%ecx,4), %edi
 	push	%ds
@@ -116,4 +120,5 @@ sample:	# copy ECX (clamped to SAMPLE_MAX) bytes from WINDOW_SEG:sample_off to t
 	addr32	rep movsl		# DS:ESI -> ES:EDI, ECX dwords (32-bit addressing)
 	cld
 	pop	%ds
+	incl	OUTPUT+OUT_COPIES
 	ret

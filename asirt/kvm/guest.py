@@ -12,8 +12,9 @@ Guest-physical layout (all below 1 MiB, every segment base 0 except where noted)
     0x00000-0x0ffff  RAM (slot 0, the Vm's anonymous mapping)
       0x1000  CODE_GPA     the program; the vCPU starts here
       0x2000  MAILBOX_GPA  the host's request, written before each KVM_RUN (Request)
-      0x3000  OUTPUT_GPA   the guest's answer: a 16-byte header (seq, 12 bytes reserved),
-                           then the sampled bytes
+      0x3000  OUTPUT_GPA   the guest's answer: a 16-byte header (seq, copies finished, 8
+                           bytes reserved), then the copy before the work (OUT_BEFORE) and
+                           the copy after it (OUT_AFTER), SAMPLE_MAX bytes each
       0x4000  STACK_GPA    one page of stack, SP starts at STACK_TOP = 0x5000
     0x10000-0x13fff  WINDOW_GPA, at most WINDOW_MAX bytes, read-only (slot 1): a window of a
                      host buffer (e.g. the core buffer of a shared region); the guest reads it
@@ -21,9 +22,9 @@ Guest-physical layout (all below 1 MiB, every segment base 0 except where noted)
     0x20000          MMIO_GPA: nothing is mapped; the guest's MMIO exit writes exit_code here
 
 Mailbox (little-endian u32 words at MAILBOX_GPA, in ``Request`` field order): seq,
-exit_kind (ExitKind: 0 IO, 1 MMIO, 2 HLT), exit_code, sample_len, sample_off, sample_after
-(0: sample before the work, else after; sample_len is whole dwords, copied four bytes at a
-time), work_iters (WORK_FOREVER = 0xffffffff: spin until
+exit_kind (ExitKind: 0 IO, 1 MMIO, 2 HLT), exit_code, sample_len, sample_off, sample_when
+(SAMPLE_BEFORE: copy before the work, SAMPLE_AFTER: after it, both: two copies; sample_len
+is whole dwords, copied four bytes at a time), work_iters (WORK_FOREVER = 0xffffffff: spin until
 the host changes it). The guest echoes seq into the output header on every pass (a pass that
 spun echoes the seq that started it).
 
@@ -58,7 +59,8 @@ from asirt.kvm.vm import ExitKind, GuestFailed, Vcpu, Vm, buffer_address
 
 __all__ = ["CODE", "CODE_GPA", "MAILBOX_GPA", "OUTPUT_GPA", "STACK_GPA", "STACK_TOP",
            "RAM_SIZE", "WINDOW_GPA", "WINDOW_MAX", "WINDOW_SLOT", "MMIO_GPA", "IO_PORT_BASE",
-           "IO_CODES", "SAMPLE_MAX", "WORK_FOREVER", "Request", "Output", "Mailbox",
+           "IO_CODES", "SAMPLE_MAX", "SAMPLE_BEFORE", "SAMPLE_AFTER", "WORK_FOREVER", "Request",
+           "Output", "Mailbox",
            "read_output", "GuestProgram", "measure_exit_roundtrip", "assemble", "SOURCE"]
 
 PAGE = 0x1000
@@ -77,6 +79,10 @@ IO_CODES = 256                # IO exit codes 0..255 (the data byte)
 WORK_FOREVER = 0xFFFFFFFF
 
 
+#: Request.sample_when: copy the window before the work, after it, or both
+SAMPLE_BEFORE, SAMPLE_AFTER = 1, 2
+
+
 class Request(NamedTuple):
     """The mailbox, one little-endian u32 per field in this order."""
 
@@ -85,23 +91,33 @@ class Request(NamedTuple):
     exit_code: int = 0
     sample_len: int = 0
     sample_off: int = 0
-    sample_after: bool = False
+    sample_when: int = SAMPLE_BEFORE
     work_iters: int = 0
 
 
 class Output(NamedTuple):
-    """The output page: the echoed ``seq`` and the bytes sampled from the window (as many as
-    the mailbox's sample_len asked for)."""
+    """The output page: the echoed ``seq``, how many copies of the window this pass finished
+    (a pass a kick interrupted may have finished none or one), and the copies made before and
+    after the work (as many bytes as the mailbox's sample_len asked for)."""
 
     seq: int
-    data: bytes
+    copies: int
+    before: bytes
+    after: bytes
+
+    @property
+    def data(self) -> bytes:
+        """The copy the request asked for (the one after the work when it asked for both)."""
+        return self.after if self.after else self.before
 
 
 _MAILBOX = struct.Struct("<" + "I" * len(Request._fields))
-_HEADER = struct.Struct("<I12x")     # seq, then reserved up to the 16-byte aligned data
+_HEADER = struct.Struct("<II8x")     # seq, copies, then reserved up to the 16-byte aligned data
 OUT_SEQ = 0
-OUT_DATA = _HEADER.size
-SAMPLE_MAX = PAGE - OUT_DATA
+OUT_COPIES = 4
+OUT_BEFORE = _HEADER.size
+SAMPLE_MAX = (PAGE - OUT_BEFORE) // 2 // 4 * 4     # two copies fit, in whole dwords
+OUT_AFTER = OUT_BEFORE + SAMPLE_MAX
 assert RAM_SIZE <= WINDOW_GPA and WINDOW_GPA + WINDOW_MAX <= MMIO_GPA < 1 << 20
 assert WINDOW_GPA % 16 == 0 and WINDOW_MAX <= 0x10000     # one real-mode segment
 assert IO_PORT_BASE + IO_CODES <= 0x10000
@@ -112,7 +128,8 @@ def _symbols() -> dict[str, int]:
     syms = {"MAILBOX": MAILBOX_GPA, "OUTPUT": OUTPUT_GPA, "STACK_TOP": STACK_TOP,
             "WINDOW_SEG": WINDOW_GPA >> 4, "MMIO_SEG": MMIO_GPA >> 4, "MMIO_OFF": MMIO_GPA & 0xF,
             "IO_PORT_BASE": IO_PORT_BASE, "SAMPLE_MAX": SAMPLE_MAX, "OUT_SEQ": OUT_SEQ,
-            "OUT_DATA": OUT_DATA,
+            "OUT_COPIES": OUT_COPIES, "OUT_BEFORE": OUT_BEFORE, "OUT_AFTER": OUT_AFTER,
+            "SAMPLE_BEFORE": SAMPLE_BEFORE, "SAMPLE_AFTER": SAMPLE_AFTER,
             "WORK_FOREVER": WORK_FOREVER}
     syms.update((f"MB_{name.upper()}", 4 * i) for i, name in enumerate(Request._fields))
     syms.update((f"EXIT_{kind.name}", kind.value) for kind in (ExitKind.IO, ExitKind.MMIO,
@@ -127,15 +144,16 @@ CODE = (
     b"\x00\x30\x66\x8b\x0e\x18\x20\x66\x0b\x0e\x0c\x20\x75\x27\x66\x83"
     b"\x3e\x04\x20\x00\x74\xd9\x66\x83\x3e\x04\x20\x01\x75\x14\x66\xa1"
     b"\x08\x20\xbb\x00\x20\x8e\xc3\x26\x66\xa3\x00\x00\x31\xdb\x8e\xc3"
-    b"\xeb\xc8\xf4\xeb\xc5\x66\x8b\x0e\x0c\x20\x67\xe3\x0b\x66\x83\x3e"
-    b"\x14\x20\x00\x75\x03\xe8\x31\x00\x66\x8b\x0e\x18\x20\x67\xe3\x0a"
-    b"\x66\x83\xf9\xff\x74\x19\x66\x49\x75\xfc\x66\x8b\x0e\x0c\x20\x67"
-    b"\xe3\xac\x66\x83\x3e\x14\x20\x00\x74\xa4\xe8\x0c\x00\xeb\x9f\x66"
-    b"\x83\x3e\x18\x20\xff\x74\xf8\xeb\xe1\x66\x81\xf9\xf0\x0f\x00\x00"
-    b"\x76\x06\x66\xb9\xf0\x0f\x00\x00\x66\xc1\xe9\x02\x66\x8b\x36\x10"
-    b"\x20\x66\xbf\x10\x30\x00\x00\x67\x66\x8d\x74\x8e\xfc\x67\x66\x8d"
-    b"\x7c\x8f\xfc\x1e\xb8\x00\x10\x8e\xd8\xfd\x67\x66\xf3\xa5\xfc\x1f"
-    b"\xc3"
+    b"\xeb\xc8\xf4\xeb\xc5\x66\xc7\x06\x04\x30\x00\x00\x00\x00\x66\x8b"
+    b"\x0e\x0c\x20\x67\xe3\x14\x66\xf7\x06\x14\x20\x01\x00\x00\x00\x74"
+    b"\x09\x66\xbf\x10\x30\x00\x00\xe8\x3a\x00\x66\x8b\x0e\x18\x20\x67"
+    b"\xe3\x0a\x66\x83\xf9\xff\x74\x22\x66\x49\x75\xfc\x66\x8b\x0e\x0c"
+    b"\x20\x67\xe3\x9a\x66\xf7\x06\x14\x20\x02\x00\x00\x00\x74\x8f\x66"
+    b"\xbf\x08\x38\x00\x00\xe8\x0c\x00\xeb\x84\x66\x83\x3e\x18\x20\xff"
+    b"\x74\xf8\xeb\xd8\x66\x81\xf9\xf8\x07\x00\x00\x76\x06\x66\xb9\xf8"
+    b"\x07\x00\x00\x66\xc1\xe9\x02\x66\x8b\x36\x10\x20\x67\x66\x8d\x74"
+    b"\x8e\xfc\x67\x66\x8d\x7c\x8f\xfc\x1e\xb8\x00\x10\x8e\xd8\xfd\x67"
+    b"\x66\xf3\xa5\xfc\x1f\x66\xff\x06\x04\x30\xc3"
 )
 # END CODE
 
@@ -174,10 +192,14 @@ class Mailbox:
 
 def read_output(ram: object) -> Output:
     """The guest's answer to the request in the mailbox: the echoed seq and the sample."""
-    (seq,) = _HEADER.unpack_from(ram, OUTPUT_GPA)  # type: ignore[arg-type]
+    seq, copies = _HEADER.unpack_from(ram, OUTPUT_GPA)  # type: ignore[arg-type]
     request = Request(*_MAILBOX.unpack_from(ram, MAILBOX_GPA))  # type: ignore[arg-type]
-    start = OUTPUT_GPA + OUT_DATA
-    return Output(seq, bytes(ram[start:start + min(request.sample_len, SAMPLE_MAX)]))  # type: ignore[index]
+    n = min(request.sample_len, SAMPLE_MAX) // 4 * 4
+
+    def area(flag: int, at: int) -> bytes:
+        start = OUTPUT_GPA + at
+        return bytes(ram[start:start + n]) if request.sample_when & flag else b""  # type: ignore[index]
+    return Output(seq, copies, area(SAMPLE_BEFORE, OUT_BEFORE), area(SAMPLE_AFTER, OUT_AFTER))
 
 
 class GuestProgram:

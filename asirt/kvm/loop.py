@@ -306,17 +306,10 @@ class VcpuLoop:
         self._kernel(_nothing, d)
 
     def _go_idle(self) -> None:
-        """To the idle task: IDLE, then the flush of what the VM's (or the kernel's) period
-        left and the release (R5 to IDLE, R6, R7). Under a strategy with a VM-entry barrier a
-        lane that holds no stun holds its siblings out of VM entry meanwhile (R1 without
-        waiting for acks: no HOST follows): once it shows domain 0, a sibling may enter
-        another VM, and must find that VM's data flushed."""
-        state = self.state
-        if state.mode != IDLE:
-            if not self.stun_held and self.strat.barrier:
-                self.stun.hold()
-                self.stun_held = True
-            state.set(IDLE, 0)
+        """To the idle task (State.go_idle: IDLE keeping the domain, the flush, domain 0),
+        then the release of a stun this lane holds (R7; its flush is done)."""
+        st = self.strat
+        self.state.go_idle(st.flush_tainted or st.flush_every_entry)
         if self.stun_held:
             self._release()
 
@@ -463,15 +456,20 @@ class VcpuLoop:
             self.cpu.idle_wait(left)
         self.w[self.c["idle_ns"]] += now() - t0
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """Bring the lane up from IDLE: online (the kernel ran before us: HOST), under a stun
         where the strategy stuns (a sibling may be in GUEST already), then into the first VM's
-        exit mode. A lane SMT-off keeps idle never runs the kernel at all."""
+        exit mode. A lane SMT-off keeps idle never runs the kernel at all. False: the run
+        stopped (or a sibling never answered) before the stun was had; the lane stays idle."""
         st, state = self.strat, self.state
         if st.one_lane and self.cpu.lane > 0:
-            return
+            return True
         if st.restricted or st.stun_sensitive or st.stun_every_exit:
-            self._request()
+            try:
+                self._request()
+            except StunGivenUp:
+                self.stun_held = False
+                return False
         self.asi.online()                      # HOST(0), tainted
         d = 1 + self.cpu.lane % self.p.vms
         state.set_domain(d)
@@ -483,6 +481,7 @@ class VcpuLoop:
                 self._release()
             else:
                 state.set(ASI, d)
+        return True
 
     def stop(self) -> None:
         """Leave the core cleanly: out of GUEST, idle, flushed and released (:meth:`_go_idle`).

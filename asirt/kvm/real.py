@@ -7,20 +7,22 @@ KVM_RUN (asirt.kvm.vm.Vcpu.enable_kick) and publishes its thread id in ``stun_cp
 Each slice:
 
 1. the loop has stored GUEST (after the barrier); the backend posts the guest's request --
-   work for the drawn interval (iterations calibrated at start), then copy this core's
-   buffer lanes from the read-only window (the region's pages that hold them, mapped at
-   guest-physical WINDOW_GPA), then exit the way the drawn reason's ``kind`` says (an ``out``
-   to a port that encodes the reason, a write to unmapped MMIO, or ``hlt``);
+   copy this core's buffer lanes from the read-only window (the region's pages that hold
+   them, mapped at guest-physical WINDOW_GPA), work for the drawn interval (iterations
+   calibrated at start), copy them again, then exit the way the drawn reason's ``kind`` says
+   (an ``out`` to a port that encodes the reason, a write to unmapped MMIO, or ``hlt``);
 2. fence, then look for a pending stun request (a requester that loaded our mode before our
    GUEST store was visible did not kick us: asirt.sync.stun.Stun.kick); if one is pending,
    park without entering;
 3. KVM_RUN. Its return is the exit. An INTR return is a kick: ``kick_to_exit`` is recorded
    (the kicking sibling's ``kick_ns`` to now), the stun is answered (the CPU parks: STUNNED,
-   ack, wait for the release, back in ASI) and the slice ends (True); a kick that finds no
-   request (one already answered, or a stale signal) re-enters the guest. KVM_RUN is never
-   restarted behind the loop's back (asirt.kvm.vm: an EINTR is an Exit);
-4. otherwise the exit must be the one requested (GuestFailed if not); what the guest copied is
-   its view of the core buffer: every foreign token in it is a leak (asirt.cpu.checks).
+   ack, wait for the release, back in ASI), the copy made before the work, if finished, is
+   looked at, and the slice ends (True); a kick that finds no request (one already
+   answered, or a stale signal) re-enters the guest. KVM_RUN is never restarted behind the
+   loop's back (asirt.kvm.vm: an EINTR is an Exit);
+4. otherwise the exit must be the one requested (GuestFailed if not); the two copies are the
+   guest's view of the core buffer at the start and the end of its slice: every foreign
+   token in them is a leak (asirt.cpu.checks).
 
 After a kick the vCPU is reset to the program's entry, so the next slice starts afresh.
 
@@ -29,10 +31,11 @@ no work and no sample: what the C floor asirt.kvmfloor measures too), ``kvm_exit
 ``kvm_exit_hlt``, and calibrates the guest's work loop and the cost of its sample.
 
 Where KVM emulates real mode (the development machine's nested kvm_pvm), guest instructions
-cost ~0.5 us each: a slice is then at least the sample's copy (~170 us for two lanes).
+cost ~0.5 us each: a slice is then at least the two copies (~170 us each for two lanes).
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Callable
@@ -60,6 +63,11 @@ ROUNDTRIPS = 200
 #: the work-loop calibration runs until one KVM_RUN takes at least this long
 CALIBRATE_NS = 2_000_000
 Recorder = Callable[[int], None]
+_BOTH = program.SAMPLE_BEFORE | program.SAMPLE_AFTER
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """A kick delivered outside KVM_RUN, late: there is nothing to stop."""
 
 
 class _Vcpu:
@@ -119,13 +127,17 @@ class KvmGuest:
         except BaseException:
             self.close()
             raise
+        # A kick that comes after close() restored the thread's mask (a sibling that loaded
+        # our tid just before) must not kill the worker (SIG_DFL); SIG_IGN would not do: an
+        # ignored signal is discarded, a kick during KVM_RUN would be lost.
+        signal.signal(KICK_SIGNAL, _ignore_kick)
         self.w[self.i_tid] = threading.get_native_id()   # kickable from now on
 
     # -- start-up measurements ----------------------------------------------------------------
     def _post(self, v: _Vcpu, kind: ExitKind, code: int, iters: int, sample: bool) -> int:
         self.seq = seq = (self.seq + 1) & 0xFFFFFFFF
         v.prog.post(program.Request(seq, kind, code, self.sample_len if sample else 0,
-                                    self.sample_off, True, iters))
+                                    self.sample_off, _BOTH, iters))
         return seq
 
     def _run_expecting(self, v: _Vcpu, kind: ExitKind) -> int:
@@ -185,12 +197,14 @@ class KvmGuest:
             self.ran_ns += now() - t0
             if e.kind == ExitKind.INTR:
                 t = now()
-                if self.rec_kick is not None:
-                    sent = max((self.w[stun.s_kick_ns[j]] for j in cpu.live), default=0)
-                    if 0 < sent < t:
-                        self.rec_kick(t - sent)
+                sent = max((self.w[stun.s_kick_ns[j]] for j in cpu.live), default=0)
                 if stun.answer():       # the stun: parked, back in ASI
+                    if self.rec_kick is not None and 0 < sent < t:
+                        self.rec_kick(t - sent)          # (a stale kick finds no request)
                     v.fresh = True
+                    out = v.prog.output()                # what the guest saw before the work
+                    if out.seq == seq and out.copies:
+                        self._count(out.before)
                     return True
                 if len(cpu.safepoint) > 1 and cpu.safepoint.others(stun.index):
                     v.fresh = True      # another mechanism wants the guest stopped
@@ -200,12 +214,19 @@ class KvmGuest:
                 raise GuestFailed(f"a {e.kind.name} exit", f"{e} where {kind.name} with code "
                                   f"{reason} was asked for", v.vcpu.describe_registers())
             out = v.prog.output()
-            if out.seq != seq:
-                raise GuestFailed("a stale answer", f"the guest echoed request {out.seq}, "
-                                  f"not {seq}", v.vcpu.describe_registers())
-            count_leaks(cpu, cpu.buffer.new_leaks(cpu.state.dom, memoryview(out.data).cast("q"),
-                                                  self.reads))
+            if out.seq != seq or out.copies != 2:
+                raise GuestFailed("a stale answer", f"the guest echoed request {out.seq} with "
+                                  f"{out.copies} copies, not {seq} with 2",
+                                  v.vcpu.describe_registers())
+            self._count(out.before)
+            self._count(out.after)
             return False
+
+    def _count(self, copy: bytes) -> None:
+        """The leaks in one copy of the core buffer the guest made (asirt.cpu.checks)."""
+        cpu = self.cpu
+        count_leaks(cpu, cpu.buffer.new_leaks(cpu.state.dom, memoryview(copy).cast("q"),
+                                              self.reads))
 
     def close(self) -> None:
         """Not kickable any more, then every vCPU and VM closed (idempotent)."""

@@ -104,10 +104,10 @@ class Asi(AddressSpaces):
     def offline(self) -> None:
         """Stop driving this CPU (before the worker exits): it goes idle and drops its
         instance; nobody waits for it any more. Straight to IDLE, never through HOST: a CPU on
-        its way out holds no stun, and a sibling may still be in GUEST (S1)."""
-        state = self.state
-        if state.mode != IDLE:
-            state.set(IDLE, 0)
+        its way out holds no stun, and a sibling may still be in GUEST (S1); what its last
+        period left is flushed before it shows domain 0 (State.go_idle)."""
+        if self.state.mode != IDLE:
+            self.state.go_idle()             # IDLE, flushed, then domain 0
         q = self.q
         if q[self._cur]:
             q[self._cur] = 0

@@ -28,7 +28,7 @@ VM_DOMAIN = 1
 GLOBAL_PAGES = 64
 SENSITIVE_PAGES = 16
 _COUNTERS = ("asi.enters", "asi.exits", "asi.faults", "asi.flushes", "buffer.flushes",
-             "asi.tlb_flushes", "asi.tlb_misses", "asi.shootdowns_sent",
+             "cpu.idle_flushes", "asi.tlb_flushes", "asi.tlb_misses", "asi.shootdowns_sent",
              "asi.shootdowns_avoided")
 
 

@@ -348,8 +348,8 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     counters = {k: totals[k] for k in (
         "kvm.cycles", "kvm.exits", "kvm.exits_restricted", "kvm.kicked", "kvm.halts",
         "kvm.to_user", "kvm.switches", "kvm.host_tasks", "kvm.refused", "cpu.guest_entries",
-        "stun.requests", "stun.parks", "buffer.flushes", "asi.faults", "asi.gadgets",
-        "asi.gadget_hits", "check.samples", "check.checks", "monitor.samples",
+        "stun.requests", "stun.parks", "buffer.flushes", "cpu.idle_flushes", "asi.faults",
+        "asi.gadgets", "asi.gadget_hits", "check.samples", "check.checks", "monitor.samples",
         "coresched.forced_idle")}
     counters.update(viol)
     counters["violations"] = sum(viol.values())

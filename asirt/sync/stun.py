@@ -276,20 +276,6 @@ class Stun:
             return True
         return self.wait_acks()
 
-    def hold(self) -> None:
-        """R1 alone, no R2: the siblings are kept out of VM entry (B1) and park, without this
-        CPU waiting for their acks, for a transition that needs no HOST -- a lane going idle
-        leaves its VM's period in the buffer, and must flush it (R6) before a sibling may
-        enter another VM beside it. Released by :meth:`unstun`."""
-        w = self.w
-        g = self.g + 1
-        self.g = g
-        w[self.i_gen] = g
-        if self.deliver is not None:
-            self.deliver(self.cpu.live)
-        if self.kicks:
-            self.kick()
-
     def kick(self) -> None:
         """R1 for siblings in guest mode on a real vCPU: a thread-directed IPI_SIGNAL to the
         vCPU thread makes its KVM_RUN return (asirt.kvm.real), and it parks. The fence orders
