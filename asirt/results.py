@@ -258,13 +258,22 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             if name in s.get("counters", {}):
                 rows.append([*where, name, str(s["counters"][name]), *[""] * 6])
         for f in s.get("faults", []):
-            seen = ("not injected" if f.get("injected") is False else
-                    f"detected in {f['detect_after_ms']} ms" if f.get("detected") else
-                    "NOT DETECTED")
-            rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", seen, *[""] * 6])
+            rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", _fault_seen(f),
+                         *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])
     return _render(head, rows)
+
+
+def _fault_seen(f: dict[str, Any]) -> str:
+    """A fault's verdict in the table: not injected, NOT DETECTED, or detected (in how long,
+    where the detection has a time: a delay fault's has none, only the waits it caused)."""
+    if f.get("injected") is False:
+        return "not injected"
+    if not f.get("detected"):
+        return "NOT DETECTED"
+    ms = f.get("detect_after_ms")
+    return "detected" if ms is None else f"detected in {ms} ms"
 
 
 def _key(s: dict[str, Any]) -> tuple:

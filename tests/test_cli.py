@@ -14,6 +14,7 @@ import pytest
 
 from asirt import cli
 from asirt.cli import main
+from asirt.scenarios import stress
 from asirt.errors import AsirtError, BadInput, FeatureMissing, LayoutMismatch, SegmentMissing
 from asirt.topology import format_cpu_list, read_topology
 from shm_layout import list_leftovers
@@ -357,13 +358,22 @@ def test_stress_strict_is_clean_and_naive_is_caught_on_the_same_seed(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_stress_detects_a_killed_worker(tmp_path):
-    res = asirt("stress", "--duration", "2", "--faults", "kill", "--out", str(tmp_path),
-                "--json", "--quiet")
-    assert res.returncode == 0, res.stderr
-    (entry,) = json.loads(res.stdout)["scenarios"]
-    (fault,) = entry["faults"]
-    assert fault["detected"] and entry["failures"] == []
+@pytest.mark.parametrize("fault", stress.FAULTS)
+def test_stress_judges_each_fault_end_to_end(tmp_path, fault):
+    """Every --faults value as a user runs it: exit 0, the fault's row in the printed table
+    says it was detected, and result.json says the same (a delay fault once crashed the table
+    with KeyError 'detect_after_ms')."""
+    res = asirt("stress", "--duration", "2", "--faults", fault, "--out", str(tmp_path),
+                "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    (row,) = [line for line in res.stdout.splitlines() if f"fault {fault} cpu" in line]
+    assert row.split("  ")[-1].strip().startswith("detected"), row
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry,) = json.loads((run_dir / "result.json").read_text())["scenarios"]
+    (f,) = entry["faults"]
+    assert f["fault"] == fault and f["injected"] and f["detected"], f
+    assert entry["failures"] == [] and entry["ok"]
 
 
 def test_a_violation_under_a_safe_protocol_fails_the_run():
