@@ -8,7 +8,7 @@ from __future__ import annotations
 from shm_layout.errors import AsirtError, LayoutMismatch, SegmentMissing, ShmUnavailable
 
 __all__ = ["AsirtError", "LayoutMismatch", "SegmentMissing", "ShmUnavailable", "BadInput",
-           "FeatureMissing", "WorkerFailed", "CheckFailed"]
+           "FeatureMissing", "WorkerFailed", "CheckFailed", "Corrupted"]
 
 
 class BadInput(AsirtError):
@@ -39,16 +39,23 @@ class FeatureMissing(AsirtError):
 
 
 class WorkerFailed(AsirtError):
-    """A worker process died or reported failure; the run's other results are kept."""
+    """A worker process died or reported failure; the run's other results are kept.
+
+    ``slot`` and ``role`` name the worker itself: several workers may share a CPU (a monitor
+    beside a vCPU, an oversubscribed run), so a failure is matched to a worker by its slot,
+    never by its CPU."""
 
     exit_code = 1
 
-    def __init__(self, cpu: int, status: str, detail: str = "") -> None:
-        super().__init__(cpu, status, detail)
+    def __init__(self, cpu: int, status: str, detail: str = "", slot: int = -1,
+                 role: str = "") -> None:
+        super().__init__(cpu, status, detail, slot, role)
         self.cpu, self.status, self.detail = cpu, status, detail
+        self.slot, self.role = slot, role
 
     def message(self) -> str:
-        msg = f"worker on CPU {self.cpu} {self.status}"
+        who = f" ({self.role}, slot {self.slot})" if self.slot >= 0 else ""
+        msg = f"worker on CPU {self.cpu} {self.status}{who}"
         return f"{msg}: {self.detail}" if self.detail else msg
 
 
@@ -56,3 +63,19 @@ class CheckFailed(AsirtError):
     """A safety check failed (violation, or a leak under a strategy that claims safety)."""
 
     exit_code = 1
+
+
+class Corrupted(AsirtError):
+    """A CPU found one of its own published words changed behind its back: the region was
+    written by someone who does not own the word (asirt.cpu.guard). Its worker leaves."""
+
+    exit_code = 1
+
+    def __init__(self, slot: int, word: str, wrote: int, found: int) -> None:
+        super().__init__(slot, word, wrote, found)
+        self.slot, self.word, self.wrote, self.found = slot, word, wrote, found
+
+    def message(self) -> str:
+        return (f"slot {self.slot}: its {self.word} word reads {self.found:#x} but it wrote "
+                f"{self.wrote:#x}: the shared region was written behind its back; it leaves "
+                "the core, and its siblings fence it off")

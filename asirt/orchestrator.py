@@ -224,8 +224,8 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
                 if proc.poll() is not None and (proc.returncode != 0 or
                                                 w[state_words[i]] != WorkerState.DONE):
                     reported.add(i)
-                    failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
-                                                 children.stderr_tail(i)))
+                    failures.append(_failed(spec, i, _describe_exit(proc),
+                                            children.stderr_tail(i)))
 
         # Every worker pinned, attached and waiting on the barrier, or one failed. A failure
         # here ends the run like one during it (stop, collect, return it in the outcome), so
@@ -237,9 +237,8 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
                 for i, s in enumerate(state_words):
                     if w[s] != WorkerState.READY and i not in reported:
                         reported.add(i)
-                        failures.append(WorkerFailed(
-                            spec.workers[i].cpu,
-                            f"did not become ready in {STARTUP_TIMEOUT_S:.0f}s",
+                        failures.append(_failed(
+                            spec, i, f"did not become ready in {STARTUP_TIMEOUT_S:.0f}s",
                             f"{_liveness(children.procs[i].pid)}; is the machine overloaded?"))
             else:
                 time.sleep(0.01)
@@ -307,19 +306,22 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
         except subprocess.TimeoutExpired:
             if ran and i not in reported:
                 reported.add(i)
-                failures.append(WorkerFailed(spec.workers[i].cpu, "did not stop",
-                                             _liveness(proc.pid)))
+                failures.append(_failed(spec, i, "did not stop", _liveness(proc.pid)))
     children.kill_all()
     for i, proc in enumerate(children.procs):
         if ran and i not in reported and proc.returncode != 0:
             reported.add(i)
-            failures.append(WorkerFailed(spec.workers[i].cpu, _describe_exit(proc),
-                                         children.stderr_tail(i)))
+            failures.append(_failed(spec, i, _describe_exit(proc), children.stderr_tail(i)))
     hist = region.array("hist").reshape(len(spec.workers), len(spec.metrics), -1).copy()
     slots = region.array("slots").copy()
     collected = spec.collect(region) if spec.collect is not None else None
     region.set_state(RegionState.DONE)
     return RunOutcome(hist, slots, failures, elapsed, collected=collected)
+
+
+def _failed(spec: RunSpec, slot: int, status: str, detail: str) -> WorkerFailed:
+    ws = spec.workers[slot]
+    return WorkerFailed(ws.cpu, status, detail, slot=slot, role=ws.role)
 
 
 def _liveness(pid: int) -> str:
