@@ -31,7 +31,7 @@ COUNTERS = (
     "check.leaks",          # foreign tokens those samples saw
     "check.leak_host",      # ... of them host (sensitive) data
     "check.leak_domain",    # ... of them another domain's local data
-    "check.corrupt",        # out-of-range words read from the region (asirt stress --faults corrupt)
+    "check.corrupt",        # published words found holding what their writer never wrote
     "monitor.samples",      # consistent snapshots taken
     "monitor.retries",      # snapshots retried (a CPU changed mode while read)
     "monitor.s1",
@@ -85,6 +85,9 @@ COUNTERS = (
     "kvm.host_ns",          # host tasks
     "kvm.idle_ns",          # idle: nothing to run (a lane SMT-off keeps idle)
     "kvm.wall_ns",          # this lane's time in the loop, all of it
+    # asirt stress's injected faults, counted by their victim
+    "fault.delays",         # delay faults it slept through inside HOST
+    "fault.delay_waits",    # ... its siblings' liveness checks that found it alive meanwhile
 )
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTER) == len(COUNTERS), "a counter name appears twice"

@@ -9,7 +9,7 @@ Writers, section by section (DESIGN.md: one writer per field):
 - ``cpu_state[s]``: the CPU of slot ``s`` only, except ``core`` and ``lane`` (the parent, at
   init). Block A (the first 128 bytes) holds what others poll: the mode seqlock ``mseq``
   (odd while ``slots.mode``/``slots.domain`` change), ``fenced`` and ``phase``; block B its
-  taints; the rest its counters (names in :mod:`shm_layout.counters`), so bumping a counter
+  taints and its per-lane count of waits on a live sibling; the rest its counters (names in :mod:`shm_layout.counters`), so bumping a counter
   never invalidates a line a sibling spins on.
 - ``core_buf[k]``: ``l1d_bytes`` and ``nlanes`` by the parent at init; ``lanes[s]`` by the
   CPU in lane ``s`` of core ``k`` only.
@@ -44,7 +44,10 @@ CPU_STATE_DTYPE = register("cpu_state", np.dtype([
     # block B: the flush bookkeeping the protocols decide with (asirt.cpu.state.Taint)
     ("taint", I8),
     ("taint_dom", I8),            # the domain whose local data TAINT_GUEST refers to
-    ("_pad_b", I8, (14,)),
+    # ... and, rarely written: liveness checks of a wait that found lane j alive and waited
+    # on (what tells a slow sibling from a dead one, per lane: asirt stress's delay fault)
+    ("alive_waits", I8, (MAX_SIBLINGS,)),
+    ("_pad_b", I8, (6,)),
     ("counters", I8, (NCOUNTERS,)),
 ]))
 assert CPU_STATE_DTYPE.fields["taint"][1] == ALIGN
@@ -115,7 +118,22 @@ class EventKind(enum.IntEnum):
     FENCE_STOPPED = 7  # a sibling did not answer and stayed stopped: killed, then fenced off
     ABORT = 8          # a request was given up and released unused
     STALL = 9          # liveness: a worker made no progress (written by the parent's report)
-    CORRUPT = 10       # a word read from a sibling or the region was out of range
+    CORRUPT = 10       # a published word held what its writer never wrote: other = the slot
+                       # it belongs to, a = which word (Word), b = the value read, c = 1 when
+                       # its own CPU found it (it differs from what it wrote), 0 a reader
+                       # (out of range)
+    FENCE_CORRUPT = 11 # a sibling's published words are corrupt: killed, then fenced off
+
+
+class Word(enum.IntEnum):
+    """Which published word a CORRUPT event is about."""
+    MODE = 1          # slots.mode: not a Mode
+    DOMAIN = 2        # slots.domain: not 0..MAX_DOMAINS
+    MSEQ = 3          # cpu_state.mseq: negative
+    GEN = 4           # stun_cpu.gen: negative
+    ACK = 5           # stun_cpu.ack[j]: negative
+    HIST = 6          # a histogram: a negative count, or counts that disagree with its samples
+    FENCED = 7        # cpu_state.fenced: not a mask of the core's lanes
 
 
 class Source(enum.IntEnum):
@@ -206,7 +224,7 @@ def describe_token(token: int) -> str:
 
 
 __all__ = ["MAX_DOMAINS", "NCLASS", "RING", "EVENTS", "CPU_STATE_DTYPE", "LANE_DTYPE", "CORE_BUF_DTYPE",
-           "EVENT_FIELDS", "EVENT_DTYPE", "CPU_EVENTS_DTYPE", "Phase", "EventKind", "Source",
+           "EVENT_FIELDS", "EVENT_DTYPE", "CPU_EVENTS_DTYPE", "Phase", "EventKind", "Word", "Source",
            "MemClass", "make_token", "token_class", "token_owner", "token_frame",
            "period_token", "is_period", "token_cls_index", "is_leak", "describe_token",
            "PERIOD_BIT", "PERIOD_BASE"]

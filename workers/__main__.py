@@ -3,7 +3,8 @@
 Pins itself, verifies the pin, attaches and validates the region, reports READY in its slot,
 waits on the start barrier, runs ``workers.<role>.run(ctx)``, reports DONE (or FAILED).
 Exit status: 0 done, 3 the program raised, 4 pinning failed, 5 attach/validation failed,
-6 the start barrier never opened. Only the parent unlinks anything.
+6 the start barrier never opened, 7 it found its own published words changed behind its back
+(asirt.cpu.guard: it leaves, and its siblings fence it off). Only the parent unlinks anything.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from shm_layout import AsirtError, Region, WorkerState
 from shm_layout.header import STOP_WORD
 from shm_layout.region import sem_wait
 
-EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START = 3, 4, 5, 6
+EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START, EXIT_CORRUPT = 3, 4, 5, 6, 7
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 START_TIMEOUT_S = 60.0
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker cpu {args.cpu}: {err}", file=sys.stderr)
         return EXIT_ATTACH
     # Local imports: the program and its helpers pull in the runtime's layers.
+    from asirt.errors import Corrupted
     from asirt.params import decode
     from workers.context import WorkerContext
     try:
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         w[state] = WorkerState.RUNNING
         program.run(ctx, prepared)
+    except Corrupted as err:
+        w[state] = WorkerState.FAILED
+        w[ctx.slot_word(args.slot, "err")] = EXIT_CORRUPT
+        print(f"worker cpu {args.cpu}: {err}", file=sys.stderr)
+        return EXIT_CORRUPT
     except BaseException:  # report any failure in the slot, details on stderr
         w[state] = WorkerState.FAILED
         w[ctx.slot_word(args.slot, "err")] = EXIT_PROGRAM

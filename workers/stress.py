@@ -8,14 +8,15 @@ The loop of one CPU (asirt.sync.stun has the steps and their labels)::
 
 with the VM-entry barrier before every GUEST, a safe point at the top of every step, injected
 sleeps and yields at every protocol step (``delays``), the guest sampling the core buffer every
-``leak_sample_every`` entries, and the optional delay fault (a sleep inside HOST). It runs
-``transitions`` transitions (or until stopped), then leaves the core cleanly.
+``leak_sample_every`` entries, the optional delay fault (a sleep inside HOST), and at every
+step the audit of its own published words (asirt.cpu.guard). It runs ``transitions``
+transitions (or until stopped), then leaves the core cleanly.
 """
 from __future__ import annotations
 
 import time
 
-from asirt.cpu import GUEST, IDLE
+from asirt.cpu import GUEST, IDLE, Cpu
 from asirt.cpu.checks import sample_leaks
 from asirt.params import StressParams
 from asirt.sync.barrier import Result
@@ -58,9 +59,11 @@ def _walk(ctx: WorkerContext, stun: Stun, barrier) -> None:
         nonlocal nsensitive
         nsensitive += 1
         if nsensitive == p.fault_delay_at and p.fault_delay_s:
-            time.sleep(p.fault_delay_s)      # the injected delay fault: stuck in HOST
+            delay_fault(cpu, p.fault_delay_s)
 
+    audit = cpu.guard.audit
     while not w[STOP_WORD] and state.ntrans < target:
+        audit()                  # its own words still hold what it wrote (asirt.cpu.guard)
         cpu.safepoint()
         if state.ntrans >= next_progress:
             next_progress = state.ntrans + PROGRESS_EVERY
@@ -95,7 +98,7 @@ def _walk(ctx: WorkerContext, stun: Stun, barrier) -> None:
                     state.exit_guest()
             elif r == Result.DOMAIN:
                 # sync to the siblings' domain (kernel core scheduling at VM entry), mostly
-                other = [w[cpu.s_dom[j]] for j in cpu.live if w[cpu.s_dom[j]]]
+                other = [x for x in (w[cpu.s_dom[j]] for j in cpu.live) if 0 < x <= ndom]
                 if other and rand() < 0.8:
                     stun.sensitive(host_work, other[0])
                 else:
@@ -112,3 +115,15 @@ def _walk(ctx: WorkerContext, stun: Stun, barrier) -> None:
     cpu.dl = None
     stun.finish()
     w[samples_i] = state.ntrans
+
+
+def delay_fault(cpu: Cpu, seconds: float) -> None:
+    """The injected delay fault: stuck in HOST for ``seconds``, alive. Counts, as this CPU's
+    ``fault.delay_waits``, its siblings' liveness checks that found it alive meanwhile (their
+    ``alive_waits`` of its lane, before and after): the waits this delay caused, and no other."""
+    w, wi = cpu.w, cpu.region.word_index
+    seen = [wi("cpu_state", cpu.slot_of[j], "alive_waits") + cpu.lane for j in cpu.sibs]
+    before = sum(w[i] for i in seen)
+    time.sleep(seconds)
+    cpu.count("fault.delay_waits", sum(w[i] for i in seen) - before)
+    cpu.count("fault.delays")

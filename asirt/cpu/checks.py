@@ -22,6 +22,9 @@ fail (tests/test_checks.py, tests/test_invariants.py):
 (c) :func:`sample_leaks`: a CPU in GUEST(d) looks at its core's buffer, as a side-channel
     attacker would, and counts every token it sees that d may not see (each deposit once).
 
+A mode word that holds no mode at all is garbage (asirt.cpu.guard): (a) and (b) report it as
+CORRUPT instead of judging with it.
+
 Violations are counted per CPU (``check.*``, ``monitor.*`` counters) and written, timestamped,
 into the CPU's event ring; asirt.collect reads them back in the parent. A violation that
 involves a CPU some sibling fenced off, or whose process is gone, is not counted: a dead CPU
@@ -39,7 +42,7 @@ from asirt.proc import Proc
 from shm_layout import Region
 from shm_layout.counters import COUNTER
 from shm_layout.cpu import (EVENT_DTYPE, EVENTS, MAX_DOMAINS, EventKind, MemClass, Source,
-                            token_class)
+                            Word, token_class)
 from shm_layout.header import STOP_WORD
 from shm_layout.sections import Mode
 
@@ -54,7 +57,7 @@ _EV_MASK = EVENTS - 1
 assert EVENTS & _EV_MASK == 0 and _EV_WORDS == 8
 _S3, _LEAK = int(EventKind.S3), int(EventKind.LEAK)
 _TRANSITION, _BUFFER = int(Source.TRANSITION), int(Source.BUFFER)
-HOST, ASI, GUEST = int(Mode.HOST), int(Mode.ASI), int(Mode.GUEST)
+HOST, ASI, GUEST, STUNNED = int(Mode.HOST), int(Mode.ASI), int(Mode.GUEST), int(Mode.STUNNED)
 #: reads of a sibling's seqlock before a checker gives up on a consistent (mode, domain)
 SEQLOCK_RETRIES = 16
 _SENSITIVE = int(MemClass.SENSITIVE)
@@ -120,7 +123,10 @@ class TransitionChecker:
         w = self.w
         for j, im, idom, iq in self.sibs:
             m = w[im]
-            if in_guest:
+            if m > STUNNED or m < 0:            # no mode at all: garbage (asirt.cpu.guard)
+                if self.cpu.counts(j):
+                    self.cpu.guard.report(self.cpu.slot_of[j], Word.MODE, m, _TRANSITION)
+            elif in_guest:
                 if m == HOST:
                     self._report(EventKind.S1, j, mode, m, w[idom])
                 elif (m == ASI or m == GUEST) and w[idom] != d:
@@ -205,6 +211,8 @@ class Monitor:
         cnt = region.word_index("cpu_state", slot, "counters")
         self.c = {name: cnt + COUNTER[f"monitor.{name}"] for name in
                   ("samples", "retries", "s1", "s2", "ns")}
+        self.c_corrupt = cnt + COUNTER["check.corrupt"]
+        self.garbage: dict[int, int] = {}      # slot -> the garbage mode last reported
         wi = region.word_index
         self.cores = [(list(slots), [wi("cpu_state", s, "mseq") for s in slots],
                        [wi("slots", s, "mode") for s in slots],
@@ -252,9 +260,20 @@ class Monitor:
             else:
                 continue          # this core changes too fast to read now: next round
             w[c["samples"]] += 1
+            for a, mode in enumerate(m):
+                if (mode > STUNNED or mode < 0) and not out >> a & 1:
+                    self._garbage(slots[a], mode)
             found += self._judge(slots, m, d, out, fenced, pids)
         w[c["ns"]] += now() - t0
         return found
+
+    def _garbage(self, slot: int, mode: int) -> None:
+        """A mode word that holds no mode (asirt.cpu.guard): reported once per value seen
+        (the monitor cannot fence; the lane's siblings do)."""
+        if self.garbage.get(slot) != mode:
+            self.garbage[slot] = mode
+            self.w[self.c_corrupt] += 1
+            self.ring.emit(EventKind.CORRUPT, Source.MONITOR, slot, Word.MODE, mode, 0)
 
     def _judge(self, slots: list[int], m: list[int], d: list[int], out: int,
                fenced: list[int], pids: list[int]) -> int:

@@ -9,7 +9,8 @@ its IPI transport. Mechanisms plug into it; they never write each other's words.
 Fencing: a sibling that does not answer a wait past the ack timeout and is found dead is
 *fenced off* -- its lane is set in this CPU's published ``fenced`` mask and ignored by every
 wait from then on. One found stopped (SIGSTOP) at two liveness checks in a row is killed
-first (STONITH: it must never resume in a stale mode), and fenced only once it is really dead.
+first (STONITH: it must never resume in a stale mode), and fenced only once it is really dead;
+so is one whose published words are corrupt (asirt.cpu.guard: its state cannot be read).
 A stopped sibling seen once may be a Ctrl-Z of the whole run on its way back (SIGCONT reaches
 the siblings one by one), and a traced one (a debugger) is never killed. Fencing taints this
 CPU: the dead lane's last period may still be in the core buffer, and this CPU's next VM entry
@@ -23,6 +24,7 @@ from typing import Callable
 from asirt.clock import now
 from asirt.cpu.buffer import CoreBuffer
 from asirt.cpu.checks import EventRing, TransitionChecker
+from asirt.cpu.guard import NO_LIMIT, Guard
 from asirt.cpu.safepoint import SafePoint
 from asirt.cpu.state import State
 from asirt.cpu.transport import Transport
@@ -31,8 +33,9 @@ from asirt.params import CpuParams
 from asirt.proc import Life, Proc
 from shm_layout import Region
 from shm_layout.counters import COUNTER
-from shm_layout.cpu import EventKind, Source
+from shm_layout.cpu import MAX_DOMAINS, EventKind, Source, Word
 from shm_layout.header import STOP_WORD
+from shm_layout.sections import Mode
 
 __all__ = ["Cpu", "Delay"]
 
@@ -75,6 +78,7 @@ class Cpu:
         self.i_heartbeat = wi("cpu_state", slot, "heartbeat_ns")
         self.i_progress = wi("slots", slot, "progress")
         self.cnt = wi("cpu_state", slot, "counters")
+        self.i_alive_waits = wi("cpu_state", slot, "alive_waits")
         self.fenced_mask = w[self.i_fenced]
         self.live = [j for j in self.sibs if not self.fenced_mask >> j & 1]
         self.procs: list[Proc | None] = [None] * n
@@ -87,6 +91,15 @@ class Cpu:
         self.checker = TransitionChecker(self) if params.check else None
         self.state = State(self, mode, domain)
         self.transport = Transport(self, params.transport)
+        self.guard = guard = Guard(self)
+        state = self.state
+        for which, lanes, hi, wrote in (
+                (Word.MODE, self.s_mode, max(Mode), lambda: state.mode),
+                (Word.DOMAIN, self.s_dom, MAX_DOMAINS, lambda: state.dom),
+                (Word.MSEQ, self.s_mseq, NO_LIMIT, lambda: state.mseq),
+                (Word.FENCED, self.s_fenced, (1 << n) - 1, lambda: self.fenced_mask)):
+            guard.declare(which, lanes, 0, hi)
+            guard.mine(which, lanes[lane], wrote)
 
     def start(self) -> None:
         """After the start barrier (every sibling's pid is published): follow each sibling's
@@ -164,18 +177,27 @@ class Cpu:
         self.fence(j, life)
         return bool(self.fenced_mask >> j & 1)
 
-    def fence(self, j: int, life: Life) -> None:
-        """Fence lane j off: never wait for it again, ignore it in every check. A stopped one
-        is killed and fenced once it is dead (never while it could still run)."""
+    def corrupt(self, j: int, which: Word, value: int) -> bool:
+        """Lane j publishes ``value`` in ``which``, which its writer never writes: report it
+        and fence the lane off, killing it first (its state cannot be read: it must not run
+        beside a guest). True once fenced."""
+        self.guard.report(self.slot_of[j], which, value)
+        self.fence(j, Life.ALIVE, corrupt=True)
+        return bool(self.fenced_mask >> j & 1)
+
+    def fence(self, j: int, life: Life, corrupt: bool = False) -> None:
+        """Fence lane j off: never wait for it again, ignore it in every check. A stopped or
+        ``corrupt`` one is killed and fenced once it is dead (never while it could still
+        run)."""
         if self.fenced_mask >> j & 1:
             return
         proc = self.procs[j] or Proc(self.w[self.s_pid[j]])
         self.procs[j] = proc
         kind = EventKind.FENCE_DEAD
-        if life is Life.STOPPED:
+        if life is not Life.DEAD:
             if not self.params.stonith:
                 return
-            kind = EventKind.FENCE_STOPPED
+            kind = EventKind.FENCE_CORRUPT if corrupt else EventKind.FENCE_STOPPED
             proc.kill()
             if not proc.wait_dead(DEATH_WAIT_S):
                 return                      # not dead yet (D state?): the next check retries

@@ -1,5 +1,6 @@
 """How a CPU waits: spin, then yield; a deadline; past the ack timeout a liveness check of the
-CPU it waits for (fencing it off when dead); give up past ``give_up``; stop when the run stops.
+CPU it waits for (fencing it off when dead, or when its published words are corrupt:
+asirt.cpu.guard); give up past ``give_up``; stop when the run stops.
 
 Hot loops poll a word inline (a call per poll would double a round trip) and call
 :meth:`Wait.slow` only after ``limit`` polls without progress, then on every poll. Past the
@@ -72,13 +73,18 @@ class Wait:
             self.next_check = t + int(p.ack_timeout_ms * 1e6)
             w[cpu.cnt + COUNTER["cpu.timeouts"]] += 1
             j = self.lane
-            if j >= 0 and not cpu.fenced_mask >> j & 1 and cpu.check_liveness(j, self.phase):
-                cpu.events.emit(EventKind.TIMEOUT, Source.LIVENESS, cpu.slot_of[j], self.phase,
-                                t - self.start, 1)
-                return Outcome.FENCED
+            if j >= 0 and not cpu.fenced_mask >> j & 1:
+                cpu.guard.audit()               # not its own garbage echoed, then:
+                bad = cpu.guard.garbage(j)      # what it waits for may be garbage it wrote
+                if (bad is not None and cpu.corrupt(j, *bad)) or cpu.check_liveness(j, self.phase):
+                    cpu.events.emit(EventKind.TIMEOUT, Source.LIVENESS, cpu.slot_of[j],
+                                    self.phase, t - self.start, 1)
+                    return Outcome.FENCED
             if j >= 0 and cpu.fenced_mask >> j & 1:
                 return Outcome.FENCED
             w[cpu.cnt + COUNTER["cpu.slow"]] += 1
+            if j >= 0:
+                w[cpu.i_alive_waits + j] += 1
             cpu.events.emit(EventKind.TIMEOUT, Source.LIVENESS,
                             cpu.slot_of[j] if j >= 0 else -1, self.phase, t - self.start, 0)
         if self.deadline is not None and t > self.deadline:

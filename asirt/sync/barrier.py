@@ -5,6 +5,8 @@ The condition (model/stun.pml, B1-B4), for every sibling that is not fenced off:
   B1  no active stun request (its generation is even);
   B2  not in HOST (defensive; the model shows the protocol is safe without it);
   B3  no other domain (its domain is 0 -- idle -- or d);
+(a mode or domain that is none at all is garbage in the sibling's words: the lane is fenced
+off as corrupt, asirt.cpu.guard, or the entry waits;)
 then, if this CPU's own taints say the buffer may hold what d must not see, a flush (KVM's
 conditional L1D flush at VM entry: asirt.cpu.state.State.needs_flush); then B4: mode := GUEST.
 The barrier never looks at the core buffer: that is the S3 checker's evidence.
@@ -30,12 +32,12 @@ import enum
 from typing import Callable
 
 from asirt.clock import now
-from asirt.cpu import HOST, IDLE
+from asirt.cpu import HOST, IDLE, STUNNED
 from asirt.cpu.wait import Outcome
 from asirt.sync.corelock import CoreLock
 from asirt.sync.stun import Stun
 from shm_layout.counters import COUNTER
-from shm_layout.cpu import Phase
+from shm_layout.cpu import MAX_DOMAINS, Phase, Word
 
 __all__ = ["BARRIERS", "Result", "check", "SpinBarrier", "RendezvousBarrier", "make_barrier"]
 
@@ -68,13 +70,21 @@ def check(stun: Stun, flush_always: bool = False) -> tuple[Result, int]:
             return Result.BUSY, j
         if dl:
             dl()
-        if w[cpu.s_mode[j]] == HOST:                              # B2
+        m = w[cpu.s_mode[j]]
+        if m == HOST or m > STUNNED or m < 0:                     # B2 (or no mode at all)
+            if m != HOST and cpu.corrupt(j, Word.MODE, m):
+                continue                                          # fenced off: no sibling
             w[c + _C["busy"]] += 1
             return Result.BUSY, j
         if dl:
             dl()
         e = w[cpu.s_dom[j]]                                       # B3
         if e != 0 and e != d:
+            if not 0 < e <= MAX_DOMAINS:                          # (no domain at all)
+                if cpu.corrupt(j, Word.DOMAIN, e):
+                    continue
+                w[c + _C["busy"]] += 1
+                return Result.BUSY, j
             w[c + _C["dom"]] += 1
             return Result.DOMAIN, j
         if dl:
