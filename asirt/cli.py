@@ -28,8 +28,8 @@ from asirt.scenarios.common import plan_cores
 from asirt.sync.barrier import BARRIERS
 from asirt.sync.stun import ALL_PROTOCOLS, PROTOCOLS
 from asirt.system import read_system
-from asirt.topology import (format_cpu_list, format_topology, parse_cpu_arg, read_topology,
-                            select_topology)
+from asirt.topology import (emulated_k, format_cpu_list, format_topology, parse_cpu_arg,
+                            read_topology, select_topology)
 from asirt.cfloor import reclaim_dirs
 from shm_layout.region import Leftover, Status, active_runs, list_leftovers, reclaim
 
@@ -169,10 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run each protocol this long (default 10)")
     length.add_argument("--transitions", type=_positive_int, metavar="N",
                         help="run each protocol until its vCPUs made N transitions in all")
-    st.add_argument("--faults", default="", metavar="kill,stop,delay",
-                    help="inject these faults into one worker; the others must detect them")
+    st.add_argument("--faults", default="", metavar="LIST",
+                    help=f"comma-separated subset of {','.join(stress.FAULTS)}: each is injected "
+                    "into a worker of its own (the last lane of its own core) at about a third "
+                    "of the run, and the others must detect it")
     st.add_argument("--workers", type=_positive_int, metavar="N",
-                    help="siblings per core (more than the core's CPUs oversubscribes them)")
+                    help="vCPU workers in all, in cores of K siblings (--topology emulated:K, or "
+                    "the machine's own); more workers than CPUs oversubscribes them (default: "
+                    "one per CPU, and a core per fault)")
     st.add_argument("--seed", type=int, default=StressParams.seed,
                     help=f"seed of the random walk (default {StressParams.seed})")
     st.add_argument("--transport", default=CpuParams.transport, choices=TRANSPORTS)
@@ -180,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-delays", action="store_true",
                     help="no injected sleeps and yields between protocol steps")
     st.add_argument("--cpus", metavar="LIST", help="CPUs to use (default all allowed)")
-    st.add_argument("--topology", default="auto", metavar="auto|emulated[:K]")
+    st.add_argument("--topology", default="auto", metavar="auto|emulated[:K]",
+                    help="real siblings, or emulated cores of K siblings; K may exceed the "
+                    "selected CPUs (each core's lanes then take the CPUs in turn)")
     st.add_argument("--out", default="runs", metavar="DIR")
     st.add_argument("--json", action="store_true", help="print result.json to stdout")
     st.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -292,14 +298,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return _run(args, args.scenario, topo, config, scenario.run(topo, opts, progress))
 
 
+def _stress_topology(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """A stress run's topology, and its siblings per core where --topology emulated:K asks
+    for more siblings than the selected CPUs (each core's lanes then cycle over them)."""
+    k = emulated_k(args.topology)
+    topo = read_topology()
+    cpus = parse_cpu_arg(args.cpus, topo.allowed_cpus) if args.cpus is not None else None
+    n = len(set(topo.allowed_cpus if cpus is None else cpus))
+    if k is not None and 2 <= n < k:
+        return select_topology(topo, f"emulated:{n}", cpus), k
+    return select_topology(topo, args.topology, cpus), None
+
+
 def cmd_stress(args: argparse.Namespace) -> int:
     protocols = scenarios.parse_choices(args.protocol, ALL_PROTOCOLS, "--protocol")
     faults = tuple(scenarios.parse_choices(args.faults, stress.FAULTS, "--faults")
                    if args.faults else ())
     if args.transitions is None and args.duration is None:
         args.duration = 10.0
-    topo = _selected_topology(args)
-    plan_cores(topo, args.workers)      # refuses a topology with no siblings
+    topo, lanes = _stress_topology(args)
+    # refuses a topology with no siblings, and workers that do not fill whole cores
+    plan_cores(topo, lanes, args.workers, min_cores=max(1, len(faults)))
     progress = ProgressLine(len(protocols), quiet=args.quiet)
     config = {"scenario": "stress", "protocols": protocols, "duration_s": args.duration,
               "transitions": args.transitions, "faults": list(faults), "workers": args.workers,
@@ -308,7 +327,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
     runs = (stress.run_stress(
         topo, p, transitions=args.transitions, duration_s=args.duration, seed=args.seed,
         delays=not args.no_delays, faults=faults, progress=progress, transport=args.transport,
-        barrier=args.barrier, lanes_per_core=args.workers) for p in protocols)
+        barrier=args.barrier, lanes_per_core=lanes, workers=args.workers) for p in protocols)
     return _run(args, "stress", topo, config, runs)
 
 

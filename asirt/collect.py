@@ -10,14 +10,15 @@ from typing import Any, Sequence
 
 from shm_layout import Region
 from shm_layout.counters import COUNTERS
-from shm_layout.cpu import EVENT_FIELDS, EVENTS, EventKind, Source, describe_token
+from shm_layout.cpu import EVENT_FIELDS, EVENTS, EventKind, Source, Word, describe_token
 from shm_layout.sections import Mode
 
-__all__ = ["counters", "per_slot_counters", "events", "describe", "violations_of",
+__all__ = ["counters", "per_slot_counters", "events", "EventLog", "describe", "violations_of",
            "VIOLATION_KINDS", "LIVENESS_KINDS", "VIOLATION_COUNTERS"]
 
 VIOLATION_KINDS = ("S1", "S2", "S3", "LEAK")
-LIVENESS_KINDS = ("TIMEOUT", "FENCE_DEAD", "FENCE_STOPPED", "ABORT", "STALL", "CORRUPT")
+LIVENESS_KINDS = ("TIMEOUT", "FENCE_DEAD", "FENCE_STOPPED", "FENCE_CORRUPT", "ABORT", "STALL",
+                  "CORRUPT")
 #: the counters that are violations, by checker and property
 VIOLATION_COUNTERS = ("check.s1", "check.s2", "check.s3", "monitor.s1", "monitor.s2",
                       "check.leaks")
@@ -54,6 +55,53 @@ def events(region: Region, cpus: Sequence[int] | None = None) -> list[dict[str, 
     return out
 
 
+class EventLog:
+    """Every worker's events, read from the rings while a run goes on, so that a long run
+    keeps its early ones (a ring holds only the last EVENTS of its worker). :meth:`read`
+    takes what came since the last read. Events overwritten before a read are counted in
+    ``lost``; of each kind only the first ``per_kind`` are kept (``dropped`` counts the rest:
+    a broken protocol's violations come by the thousand, and the counters have them all).
+    """
+
+    def __init__(self, per_kind: int = 1000) -> None:
+        self.per_kind = per_kind
+        self.events: list[dict[str, Any]] = []
+        self.kept: dict[str, int] = {}
+        self.lost = self.dropped = 0
+        self._heads: list[int] | None = None
+
+    def read(self, region: Region, cpus: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """The events written since the last read, oldest first (also kept in ``events``)."""
+        rings = region.array("cpu_events")
+        heads = [int(h) for h in rings["head"]]
+        last = self._heads or [0] * len(heads)
+        new = []
+        for s, head in enumerate(heads):
+            if head == last[s]:
+                continue
+            ring = rings[s]
+            # an entry is whole once head passed it; the one at head may be half-written over
+            # the oldest, so never read that far back; re-read head after, for what the
+            # worker overwrote meanwhile
+            lo = max(last[s], head - EVENTS + 1)
+            rows = ring["ev"][[k % EVENTS for k in range(lo, head)]].tolist()
+            recs = [dict(zip(EVENT_FIELDS, row)) for row in rows]
+            safe = int(ring["head"]) - EVENTS + 1
+            kept = [r for k, r in zip(range(lo, head), recs) if k >= safe]
+            self.lost += (lo - last[s]) + len(recs) - len(kept)
+            new += [describe(r, cpus) for r in kept]
+        self._heads = heads
+        new.sort(key=lambda e: e["ns"])
+        for e in new:
+            n = self.kept.get(e["kind"], 0)
+            if n < self.per_kind:
+                self.kept[e["kind"]] = n + 1
+                self.events.append(e)
+            else:
+                self.dropped += 1
+        return new
+
+
 def describe(rec: dict[str, int], cpus: Sequence[int] | None = None) -> dict[str, Any]:
     """An event as result.json shows it."""
     kind = EventKind(rec["kind"])
@@ -75,6 +123,9 @@ def describe(rec: dict[str, int], cpus: Sequence[int] | None = None) -> dict[str
     elif kind in (EventKind.S3, EventKind.LEAK):
         out["lane"], out["token"], out["domain"] = rec["a"], rec["b"], rec["c"]
         out["saw"] = describe_token(rec["b"])
+    elif kind == EventKind.CORRUPT:
+        out["word"] = Word(rec["a"]).name.lower() if rec["a"] in iter(Word) else str(rec["a"])
+        out["value"], out["found_by"] = rec["b"], "owner" if rec["c"] else "reader"
     else:
         out["phase"], out["waited_ns"], out["detail"] = rec["a"], rec["b"], rec["c"]
     return out

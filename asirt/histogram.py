@@ -43,7 +43,7 @@ from shm_layout.sections import HIST_BUCKETS
 
 __all__ = ["SUB_BITS", "SUB_BUCKETS", "NBUCKETS", "MAX_VALUE", "HDR_BUCKETS", "TABLE_LIMIT",
            "bucket_index", "bucket_indices", "bucket_bounds", "record", "recorder",
-           "record_many", "merge", "Summary", "summarize", "to_dict", "HgrmRow",
+           "record_many", "invalid", "merge", "Summary", "summarize", "to_dict", "HgrmRow",
            "percentile_distribution", "write_hgrm", "read_hgrm"]
 
 SUB_BITS = 6                         #: log2 of the linear steps per power of two (64)
@@ -187,6 +187,20 @@ def _check_counts(counts: np.ndarray) -> np.ndarray:
     if c.dtype != np.int64:
         raise TypeError(f"histogram counts must be int64, got {c.dtype}")
     return c
+
+
+def invalid(counts: np.ndarray, samples: int, slack: int = 0) -> str | None:
+    """Why ``counts`` cannot be the histogram of ``samples`` recorded samples (a negative
+    count, or another total, up to ``slack`` short), or None: the check of a histogram read
+    back from shared memory, which has no header of its own to validate."""
+    c = _check_counts(counts)
+    neg = np.flatnonzero(c < 0)
+    if neg.size:
+        return f"bucket {int(neg[0])} holds {int(c[neg[0]])}"
+    total = int(c.sum())
+    if not samples - slack <= total <= samples:
+        return f"it counts {total} samples where {samples} were recorded"
+    return None
 
 
 def record_many(counts: np.ndarray, values: np.ndarray) -> None:

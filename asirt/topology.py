@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from asirt.system import SystemInfo
 
 __all__ = ["CpuInfo", "Topology", "parse_cpu_list", "format_cpu_list", "parse_size",
-           "read_attr", "sysfs_cpu_dir", "read_topology", "select_topology", "parse_cpu_arg",
+           "read_attr", "sysfs_cpu_dir", "read_topology", "select_topology", "emulated_k",
+           "parse_cpu_arg",
            "format_topology", "MAX_CPU", "MAX_EMULATED_K"]
 
 CPU_DIR = "devices/system/cpu"
@@ -349,21 +350,39 @@ def _check_allowed(cpus: Iterable[int], allowed: set[int], option: str) -> None:
                        f"choose among CPUs {format_cpu_list(allowed)}")
 
 
-def _parse_mode(mode: str, ncpus: int) -> int | None:
-    """None for auto, K for emulated[:K]; BadInput otherwise."""
-    kmax = min(MAX_EMULATED_K, ncpus)
-    valid = "auto, emulated" + (f", emulated:K with K in 2..{kmax}" if kmax >= 2 else "")
+def emulated_k(mode: str) -> int | None:
+    """K of an ``emulated[:K]`` mode (2 for plain ``emulated``), None for ``auto``; BadInput
+    for anything else. K is checked against MAX_EMULATED_K only, not against the CPUs (a
+    stress run may cycle more siblings than CPUs over them: asirt.scenarios.common)."""
+    valid = f"auto, emulated, emulated:K with K in 2..{MAX_EMULATED_K}"
+    mode = mode.strip()
     if mode == "auto":
         return None
     name, colon, k_text = mode.partition(":")
     if name != "emulated" or (colon and not _NUMBER.fullmatch(k_text)):
         raise BadInput("--topology", f"{mode!r} is not a topology mode", f"valid values: {valid}")
     k = int(k_text) if colon else 2
+    if not 2 <= k <= MAX_EMULATED_K:
+        raise BadInput("--topology", f"{mode}: K must be between 2 and {MAX_EMULATED_K}",
+                       f"valid values: {valid}")
+    return k
+
+
+def _parse_mode(mode: str, ncpus: int) -> int | None:
+    """None for auto, K for emulated[:K] (at most the ``ncpus`` selected); BadInput otherwise."""
+    kmax = min(MAX_EMULATED_K, ncpus)
+    valid = "auto, emulated" + (f", emulated:K with K in 2..{kmax}" if kmax >= 2 else "")
+    try:
+        k = emulated_k(mode)
+    except BadInput as err:
+        raise BadInput(err.what, err.problem, f"valid values: {valid}") from None
+    if k is None:
+        return None
     if ncpus < 2:
         raise BadInput("--topology", f"{mode} groups CPUs into pseudo-cores but only "
                        f"{ncpus} CPU is selected",
                        "select at least 2 CPUs with --cpus, or use --topology auto")
-    if not 2 <= k <= kmax:
+    if k > kmax:
         raise BadInput("--topology", f"{mode}: K must be between 2 and {MAX_EMULATED_K} and at "
                        f"most the {ncpus} selected CPUs", f"valid values: {valid}")
     return k

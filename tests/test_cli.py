@@ -376,6 +376,39 @@ def test_stress_judges_each_fault_end_to_end(tmp_path, fault):
     assert entry["failures"] == [] and entry["ok"]
 
 
+@pytest.mark.multiprocess
+def test_an_unsafe_protocol_that_shows_nothing_without_delays_fails(tmp_path):
+    """--no-delays used to switch the rule off: a naive run that showed nothing passed."""
+    res = asirt("stress", "--protocol", "naive", "--no-delays", "--transitions", "2",
+                "--out", str(tmp_path), "--quiet")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "proves nothing about the checkers" in res.stderr and "drop --no-delays" in res.stderr
+
+
+@pytest.mark.multiprocess
+def test_stress_workers_in_all_in_cores_of_k_siblings(tmp_path):
+    """--workers N is the number of vCPU workers in all; --topology emulated:K makes cores of
+    K siblings even with fewer CPUs than K (oversubscribed)."""
+    res = asirt("stress", "--workers", "8", "--topology", "emulated:4", "--cpus", "0,1",
+                "--duration", "1", "--out", str(tmp_path), "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(res.stdout)["scenarios"]
+    assert entry["lanes"] == [[0, 1, 0, 1], [0, 1, 0, 1]] and entry["workers"] == 8
+    assert entry["oversubscribed"] and entry["cpus"] == [0, 1]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--workers", "6", "--topology", "emulated:4"], "need a multiple of 4; choose --workers 8"),
+    (["--workers", "2", "--faults", "kill,stop"], "2 cores (one per fault) need 4"),
+    (["--topology", "emulated:9"], "K must be between 2 and 8"),
+])
+def test_stress_workers_that_fill_no_whole_cores_are_refused(args, needle, tmp_path, capsys):
+    rc = main(["stress", *args, "--cpus", "0,1", "--duration", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_violation_under_a_safe_protocol_fails_the_run():
     """The exit-status rule itself: it must fail on what it is there to catch, and result.json's
     ``ok`` says the same thing as the exit status."""

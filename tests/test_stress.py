@@ -6,11 +6,14 @@ is ``asirt stress --protocol strict,naive --transitions 10000000 --seed 1``, see
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 
 from asirt.errors import BadInput
+from asirt.scenarios.faults import CORRUPT_WORDS
 from asirt.scenarios.stress import STRESS_CI, run_stress
 from tests.fixtures import test_topology
 
@@ -50,6 +53,70 @@ def test_injected_fault_is_detected_never_waited_for(fault):
     if fault in ("kill", "stop"):
         assert f["detected_as"] == [f["expected"]]
         assert len(e.extra["injected_failures"]) == 1
+    else:
+        assert f["fenced_by_slots"] == [] and e.extra["injected_failures"] == []
+
+
+@pytest.mark.parametrize("word", CORRUPT_WORDS)
+def test_garbage_in_a_published_word_is_caught_and_the_lane_fenced(word):
+    """--faults corrupt: garbage in the victim's mode, generation, ack or histogram. A reader
+    reports it, the lane leaves or is fenced off (a histogram is left out of the merge), and
+    the run neither crashes, hangs, nor breaks S1-S3."""
+    t0 = time.monotonic()
+    e = run_stress(test_topology(), "strict", duration_s=2.0, seed=3, faults=("corrupt",),
+                   corrupt=word)
+    assert time.monotonic() - t0 < 30
+    (f,) = e.extra["faults"]
+    assert f["word"] == word and f["injected"] and f["detected"], f
+    assert e.failures == [] and e.problems == [], (e.failures, e.problems)
+    assert e.counters["violations"] == 0
+    if word == "hist":
+        assert list(e.extra["corrupt_histograms"]) == [str(f["slot"])]
+        assert e.hists["barrier_wait"].min() >= 0          # left out of the merge
+    else:
+        assert "CORRUPT" in f["detected_as"] and e.counters["check.corrupt"] > 0
+        assert len(e.extra["injected_failures"]) == 1     # killed by its fencer, or it left
+
+
+def test_kill_and_stop_each_get_their_own_victim():
+    """--faults kill,stop once killed one worker and reported a stop that was never sent."""
+    e = run_stress(test_topology(), "strict", duration_s=2.0, seed=5, faults=("kill", "stop"))
+    kill, stop = e.extra["faults"]
+    assert kill["slot"] != stop["slot"] and len(e.extra["lanes"]) == 2   # a core each
+    for f in (kill, stop):
+        assert f["injected"] and f["detected"] and f["detected_as"] == [f["expected"]], f
+    assert e.failures == [] and e.problems == [] and len(e.extra["injected_failures"]) == 2
+
+
+class _KillMonitorToo:
+    """A progress line that SIGKILLs the monitor, which shares the last CPU with the fault's
+    victim, once the fault has been injected."""
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    def start(self, label: str) -> None:
+        pass
+
+    def done(self, summary: str) -> None:
+        pass
+
+    def update(self, fraction: float, slots) -> None:
+        if not self.killed and fraction > 0.6:
+            os.kill(int(slots["pid"][-1]), signal.SIGKILL)
+            self.killed = True
+
+
+def test_a_sigkill_of_the_monitor_beside_the_victim_fails_the_run():
+    """Failures were matched to the fault by CPU: a monitor killed on the victim's CPU passed
+    for the injected kill."""
+    mon = _KillMonitorToo()
+    e = run_stress(test_topology(), "strict", duration_s=2.0, seed=5, faults=("kill",),
+                   progress=mon)
+    assert mon.killed
+    (f,) = e.extra["faults"]
+    assert f["detected"] and len(e.extra["injected_failures"]) == 1
+    assert [x for x in e.failures if "(monitor, slot 2)" in x and "SIGKILL" in x], e.failures
 
 
 @pytest.mark.parametrize("transport", ["signal", "sem"])
@@ -83,5 +150,9 @@ def test_bad_input():
         run_stress(topo, "strict")
     with pytest.raises(BadInput, match="unknown fault"):
         run_stress(topo, "strict", duration_s=1, faults=("meteor",))
+    with pytest.raises(BadInput, match="corrupt word"):
+        run_stress(topo, "strict", duration_s=1, faults=("corrupt",), corrupt="cosmic ray")
+    with pytest.raises(BadInput, match="--workers 3"):
+        run_stress(topo, "strict", duration_s=1, workers=3)
     with pytest.raises(BadInput):
         run_stress(topo, "careless", duration_s=1)

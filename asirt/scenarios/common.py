@@ -37,23 +37,39 @@ class Plan:
         return [c for core in self.core_cpus for c in core]
 
 
-def plan_cores(topo: Topology, lanes_per_core: int | None = None) -> list[list[int]]:
-    """The CPUs of each core's lanes: the usable cores (pseudo-cores when emulated), or each
-    core's CPUs cycled to ``lanes_per_core`` lanes (more workers than CPUs: oversubscribed)."""
-    cores = [list(c) for c in topo.usable_cores if len(c) >= 2]
-    if not cores:
+def plan_cores(topo: Topology, lanes_per_core: int | None = None, workers: int | None = None,
+               min_cores: int = 1) -> list[list[int]]:
+    """The CPUs of each core's lanes.
+
+    By default the usable cores (pseudo-cores when emulated), each cycled to
+    ``lanes_per_core`` lanes when given. ``workers``: that many lanes in all, in cores of
+    ``lanes_per_core`` lanes (default: as many as the widest usable core has), core c on usable
+    core c mod their number. ``min_cores``: at least that many cores, the usable ones taken
+    again in turn. A CPU that runs more than one lane is oversubscribed."""
+    usable = [list(c) for c in topo.usable_cores if len(c) >= 2]
+    if not usable:
         raise BadInput("--cpus", f"the selected CPUs {list(topo.cpus)} form no core "
                        "with two siblings", "select at least two CPUs (they are grouped into "
                        "emulated siblings when the machine has no SMT)")
-    if lanes_per_core is not None:
-        if not 2 <= lanes_per_core <= MAX_SIBLINGS:
-            raise BadInput(f"--workers {lanes_per_core}", "siblings per core out of range",
-                           f"choose between 2 and {MAX_SIBLINGS}")
-        cores = [[c[i % len(c)] for i in range(lanes_per_core)] for c in cores]
-    for c in cores:
-        if len(c) > MAX_SIBLINGS:
-            raise BadInput("--cpus", f"a core with {len(c)} siblings", f"at most {MAX_SIBLINGS} fit")
-    return cores
+    k = lanes_per_core if lanes_per_core is not None else max(len(c) for c in usable)
+    if not 2 <= k <= MAX_SIBLINGS:
+        raise BadInput(f"{k} siblings per core", "out of range",
+                       f"choose between 2 and {MAX_SIBLINGS} (--topology emulated:K)")
+    if workers is None:
+        ncores = max(len(usable), min_cores)
+        if lanes_per_core is None and ncores == len(usable):
+            return usable
+    else:
+        if workers % k or workers < k * min_cores:
+            need = k * max(min_cores, -(-workers // k))
+            raise BadInput(f"--workers {workers}",
+                           f"cores of {k} siblings need a multiple of {k}"
+                           + (f", and {min_cores} cores (one per fault) need {k * min_cores} "
+                              "at least" if min_cores > 1 else ""),
+                           f"choose --workers {need}")
+        ncores = workers // k
+    return [[usable[c % len(usable)][i % len(usable[c % len(usable)])] for i in range(k)]
+            for c in range(ncores)]
 
 
 def plan(core_cpus: list[list[int]], role: str, params: Callable[[int, int], Any],

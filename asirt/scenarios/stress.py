@@ -1,17 +1,25 @@
 """``asirt stress``: a seeded random walk over the handshake's transitions with injected
-sleeps and yields at every protocol step (workers/stress.py) on every usable core; S1-S3 checked
-by all three checkers, liveness by the parent; optionally a fault injected into one worker
-(kill, stop or delay) that the others must detect by timeout and liveness check.
+sleeps and yields at every protocol step (workers/stress.py) on every core of the plan; S1-S3
+checked by all three checkers, liveness by the parent (:class:`Watch`); faults injected into
+victims the others must detect (asirt.scenarios.faults).
 
-The verdict (``Entry.problems``) fails a run that did not earn its success: a violation under
-a protocol that claims safety, a stall, a survivor without progress after a fault, a fault not
-detected, and a known-unsafe protocol whose checkers found nothing under delays.
+The verdict (``Entry.problems``, beside the failures and ``Entry.unsafe``) fails a run that
+did not earn its success:
+
+- liveness: a worker without a transition for ``stall_s`` (STALL); after a fault, a survivor
+  with no progress, or one that limps on at a fraction of its earlier rate; transitions not
+  done in the time allowed;
+- a fault not injected, not detected or misjudged; a worker failure no fault explains (matched
+  by worker, never by CPU: the monitor shares a CPU with a vCPU);
+- corrupt words or histograms no fault explains;
+- nothing checked (:func:`unearned`): no monitor sample, no transition assertion, no buffer
+  sample, no stun request completed -- e.g. every one given up;
+- a known-unsafe protocol whose checkers found nothing: with delays a checker may be broken;
+  without them (``delays=False``) the run proves nothing about the checkers, and says so.
 """
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import replace
 from typing import Any, Sequence
@@ -28,24 +36,40 @@ from asirt.progress import ProgressLine
 from asirt.results import Entry
 from asirt.scenarios.common import (MAX_LISTED, Plan, collect_run, plan, plan_cores, sync_init,
                                     sync_sections, violation_events)
+from asirt.scenarios.faults import (CORRUPT_WORDS, DELAY_AT, DELAY_S, FAULTS, Faults,
+                                    bad_histograms)
 from asirt.scenarios.stun import check_cost
 from asirt.sync.barrier import BARRIERS
 from asirt.sync.stun import ALL_PROTOCOLS, PROTOCOL
 from asirt.topology import Topology
+from shm_layout import Region
 from shm_layout.cpu import MAX_DOMAINS, Phase
 from shm_layout.sections import WorkerState
 
-__all__ = ["FAULTS", "STRESS_CI", "run_stress"]
+__all__ = ["FAULTS", "STRESS_CI", "STALL_S", "LIMP_RATIO", "run_stress", "Watch", "unearned"]
 
-FAULTS = ("kill", "stop", "delay")
 #: the CI version of the done-criterion (tests/test_stress.py) and the full one (README)
 STRESS_CI = 100_000
+#: a worker without a transition for this long is stalled. Every wait the protocol bounds
+#: ends well within it: the delay fault's DELAY_S (0.5 s) in HOST, the fencing of a stopped
+#: sibling (two ack timeouts, then up to DEATH_WAIT_S for the kill: about 1.1 s) or of a
+#: corrupt one (the kill: up to 1 s). The give-up of a request (give_up_ms, 5 s) is not among
+#: them: a live sibling that leaves a request unanswered that long is the stall. And it is a
+#: fifth of the default 10 s run, so a deadlock is caught in any run of the default length.
+STALL_S = 2.0
+#: the parent looks every 50 ms (asirt.orchestrator.POLL_S); after a gap this long it was not
+#: running itself (stopped with the whole run by Ctrl-Z, starved), and a worker it did not see
+#: move meanwhile is not judged stalled over that time
+PARENT_GAP_S = 1.0
+#: after a fault, a survivor whose transition rate fell below 1/LIMP_RATIO of its rate before
+#: limps on: it moves, but something holds it back (a wait for the dead victim at every step)
+LIMP_RATIO = 10
 _COUNTERS = ("cpu.transitions", "stun.requests", "stun.acks", "stun.parks", "cpu.ipis",
              "stun.aborts", "cpu.timeouts", "cpu.slow", "cpu.fenced", "cpu.host_entries",
              "cpu.guest_entries", "barrier.tries", "barrier.busy", "barrier.dom",
              "barrier.flushes", "stun.flushes", "buffer.flushes", "stun.exposed",
-             "barrier.rv_rounds", "check.checks", "check.samples", "monitor.samples",
-             "monitor.retries")
+             "barrier.rv_rounds", "check.checks", "check.samples", "check.corrupt",
+             "monitor.samples", "monitor.retries")
 
 
 def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
@@ -53,17 +77,19 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
                delays: bool = True, faults: Sequence[str] = (),
                progress: ProgressLine | None = None, *, transport: str = CpuParams.transport,
                barrier: str = StressParams.barrier, lanes_per_core: int | None = None,
-               ndomains: int = StressParams.ndomains, monitor: bool = True,
-               check: bool = CpuParams.check, check_fence: bool = CpuParams.check_fence,
-               max_s: float | None = None, stall_s: float = 10.0,
-               delay_params: DelayParams | None = None) -> Entry:
-    """Randomized transitions on every usable core; S1-S3 and liveness checked.
+               workers: int | None = None, ndomains: int = StressParams.ndomains,
+               monitor: bool = True, check: bool = CpuParams.check,
+               check_fence: bool = CpuParams.check_fence, stonith: bool = CpuParams.stonith,
+               corrupt: str | None = None, max_s: float | None = None,
+               stall_s: float = STALL_S, delay_params: DelayParams | None = None) -> Entry:
+    """Randomized transitions on every core of the plan; S1-S3 and liveness checked.
 
     Give ``transitions`` (the total over all vCPU workers; the run ends when each has done its
-    share, or after ``max_s``) or ``duration_s``. ``faults``: any of kill, stop, delay, applied
-    to the last lane of the first core at about a third of the run (kill: SIGKILL; stop:
-    SIGSTOP, which the survivors must find stopped and kill; delay: the worker sleeps 0.5 s
-    inside HOST). ``delay_params``: p_yield, p_sleep, max_sleep_us of the injected delays.
+    share, or after ``max_s``) or ``duration_s``. ``workers``: that many vCPU workers in all,
+    in cores of ``lanes_per_core`` siblings (asirt.scenarios.common.plan_cores). ``faults``:
+    any of asirt.scenarios.faults.FAULTS, each on its own victim (the last lane of its own
+    core); ``corrupt``: the word the corrupt fault writes (default: chosen by the seed).
+    ``delay_params``: p_yield, p_sleep, max_sleep_us of the injected delays.
     """
     if protocol not in ALL_PROTOCOLS:
         raise BadInput(f"protocol {protocol!r}", "unknown", f"choose from {', '.join(ALL_PROTOCOLS)}")
@@ -75,76 +101,89 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     if bad:
         raise BadInput(f"--faults {','.join(faults)}", f"unknown fault {bad[0]!r}",
                        f"choose from {', '.join(FAULTS)} (comma-separated)")
+    faults = tuple(dict.fromkeys(faults))
+    if corrupt is None:
+        corrupt = CORRUPT_WORDS[seed % len(CORRUPT_WORDS)]
+    elif corrupt not in CORRUPT_WORDS:
+        raise BadInput(f"corrupt word {corrupt!r}", "unknown",
+                       f"choose from {', '.join(CORRUPT_WORDS)}")
     if (transitions is None) == (duration_s is None):
         raise BadInput("stress", "give exactly one of transitions and duration",
                        "for example --duration 10")
     if not 1 <= ndomains <= MAX_DOMAINS:
         raise BadInput(f"domains {ndomains}", "out of range", f"choose 1..{MAX_DOMAINS}")
-    core_cpus = plan_cores(topo, lanes_per_core)
+    core_cpus = plan_cores(topo, lanes_per_core, workers, min_cores=max(1, len(faults)))
     nv = sum(len(c) for c in core_cpus)
     per_worker = math.ceil(transitions / nv) if transitions is not None else 0
     params = StressParams(
-        CpuParams(transport=transport, check=check, check_fence=check_fence,
+        CpuParams(transport=transport, check=check, check_fence=check_fence, stonith=stonith,
                   domains=ndomains),
         protocol, barrier, seed, (delay_params or DelayParams()) if delays else None,
         per_worker, ndomains)
-    last = len(core_cpus[0]) - 1                 # the victim: the first core's last lane
-    delayed = replace(params, fault_delay_at=20, fault_delay_s=0.5)
+    delayed = replace(params, fault_delay_at=DELAY_AT, fault_delay_s=DELAY_S)
 
-    def params_of(k: int, lane: int) -> StressParams:
-        return delayed if "delay" in faults and k == 0 and lane == last else params
+    def params_of(k: int, lane: int) -> StressParams:   # fault k's victim: core k's last lane
+        victim = k < len(faults) and lane == len(core_cpus[k]) - 1
+        return delayed if victim and faults[k] == "delay" else params
 
     pl = plan(core_cpus, "stress", params_of, monitor)
-    victim = pl.cores[0][-1] if faults else None
+    injected = Faults(pl, faults, corrupt)
     if duration_s is not None:
         run_s = duration_s
     else:
         run_s = max_s if max_s is not None else 120.0 + per_worker / 500.0
     holder: dict[str, Any] = {}
+    watch = Watch(pl, injected, transitions, run_s, stall_s, progress, holder)
 
-    def keep(region: Any) -> None:
+    def keep(region: Region) -> None:
         holder["region"] = region
 
     spec = RunSpec(workers=pl.workers, metrics=["barrier_wait"], duration_s=run_s,
                    cores=pl.cores, emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0,
                    extra_sections=sync_sections(pl), init=sync_init(pl, keep),
-                   collect=collect_run,
+                   collect=watch.collect,
                    finish_when_done=("stress",) if transitions is not None else (),
                    keep_going=bool(faults))
-    watch = Watch(pl, victim, faults, transitions, run_s, stall_s, progress, holder)
-    cpus = pl.cpus
+    cpus = sorted(set(pl.cpus))          # each CPU once: its lanes are in extra["lanes"]
     if progress is not None:
-        progress.start(f"stress {protocol} {transport} cpus {','.join(map(str, cpus))}"
-                       f" seed {seed}")
+        progress.start(f"stress {protocol} {transport} cpus {','.join(map(str, cpus))} "
+                       f"{len(pl.vslots)} workers seed {seed}")
     out = orchestrator.run(spec, watch.update)
     col = out.collected
     vslots = pl.vslots
     t = col["totals"]
     viol = collect.violations_of(t)
-    events = col["events"]
+    events = sorted(watch.log.events, key=lambda e: e["ns"])
     liveness_problems = watch.finish(out, col)
-    fault_info = watch.fault_report(col, out)
+    failed = {f.slot for f in out.failures}
+    corrupt_hists = bad_histograms(out.hists, col["counters"], vslots, failed)
+    fault_info = injected.judge(events, col["counters"], col["fenced"], out.failures,
+                                corrupt_hists)
     counters = {k: t[k] for k in _COUNTERS}
     counters.update(viol)
     counters["violations"] = sum(viol.values())
     counters["liveness_violations"] = len(liveness_problems)
-    expected = {f["cpu"] for f in fault_info if f["fault"] in ("kill", "stop")}
-    failures, injected = [], []
-    for f in out.failures:
-        (injected if f.cpu in expected and "SIGKILL" in f.status else failures).append(str(f))
-    safe = PROTOCOL[protocol].claims_safety
+    failures = [str(f) for f in out.failures if not injected.expected(f)]
+    expected_failures = [str(f) for f in out.failures if injected.expected(f)]
+    proto = PROTOCOL[protocol]
     problems = [f"liveness: {p['kind']} {p}" for p in liveness_problems]
-    problems += [f"fault {f['fault']} on cpu {f['cpu']} was not detected" for f in fault_info
-                 if f["injected"] and not f["detected"]]
-    if not safe and delays and not counters["violations"]:
-        problems.append("the unsafe protocol showed no violation and no leak under randomized "
-                        "delays, so this run shows nothing about the checkers; run longer "
-                        "(--transitions), and if it persists a checker is broken")
+    problems += [_fault_problem(f) for f in fault_info if not (f["injected"] and f["detected"])]
+    problems += _unexplained_corruption(injected, events, t, corrupt_hists)
+    problems += unearned(t, monitor=monitor, check=check, strict=proto.waits_for_acks)
+    if not proto.claims_safety and not counters["violations"]:
+        problems.append(
+            "the unsafe protocol showed no violation and no leak under randomized delays, so "
+            "this run shows nothing about the checkers; run longer (--transitions), and if it "
+            "persists a checker is broken" if delays else
+            "the unsafe protocol showed no violation without injected delays: this run proves "
+            "nothing about the checkers (nothing widened the races that expose it); drop "
+            "--no-delays")
+    good = [s for s in vslots if s not in corrupt_hists]
     extra = {
         "seed": seed, "delays": delays,
         "delay_params": (delay_params or DelayParams()).__dict__ if delays else None,
         "barrier": barrier, "ndomains": ndomains, "emulated": topo.emulated,
-        "lanes": core_cpus, "oversubscribed": pl.oversubscribed,
+        "lanes": core_cpus, "workers": len(vslots), "oversubscribed": pl.oversubscribed,
         # out.elapsed_s: start barrier -> stop request, without spawning and teardown
         "transitions_target": transitions,
         "transitions_per_s": (round(t["cpu.transitions"] / out.elapsed_s) if out.elapsed_s > 0
@@ -153,14 +192,16 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         "monitor": {"samples": t["monitor.samples"], "retries": t["monitor.retries"],
                     "mean_ns": (round(t["monitor.ns"] / t["monitor.samples"], 1)
                                 if t["monitor.samples"] else None)},
-        "faults": fault_info, "injected_failures": injected,
+        "faults": fault_info, "injected_failures": expected_failures,
+        "corrupt_histograms": {str(s): why for s, why in corrupt_hists.items()},
         "liveness": liveness_problems,
         "events": [e for e in events if e["kind"] in collect.LIVENESS_KINDS][:MAX_LISTED],
+        "events_lost": watch.log.lost,
     }
-    hists = {"barrier_wait": out.merged(0, vslots)}
+    hists = {"barrier_wait": out.merged(0, good)}
     e = Entry("stress", protocol, transport, cpus, out.elapsed_s, hists=hists, counters=counters,
-              violations=violation_events(events), failures=failures, claims_safety=safe,
-              problems=problems, extra=extra)
+              violations=violation_events(events), failures=failures,
+              claims_safety=proto.claims_safety, problems=problems, extra=extra)
     if progress is not None:
         ok = not (e.failures or e.problems or e.unsafe)
         progress.done(f"{t['cpu.transitions']:,} transitions, {counters['violations']} "
@@ -168,23 +209,69 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     return e
 
 
-class Watch:
-    """The parent's side of a stress run: progress, fault injection, stall detection."""
+def unearned(t: dict[str, int], *, monitor: bool, check: bool, strict: bool) -> list[str]:
+    """Why a run's summed counters ``t`` do not earn a success: what should have been checked
+    and was not (the monitor and the transition checks only where the run has them)."""
+    out = []
+    if monitor and not t["monitor.samples"]:
+        out.append("the monitor took no sample: S1/S2 were never sampled")
+    if check and not t["check.checks"]:
+        out.append("no transition was checked: no VM entry, exit or HOST entry was asserted")
+    if not t["check.samples"]:
+        out.append("no guest sampled the core buffer: S3 has no evidence")
+    done = t["stun.requests"] - t["stun.aborts"]
+    if strict and done <= 0:
+        out.append(f"no stun request completed ({t['stun.requests']} made, "
+                   f"{t['stun.aborts']} of them given up): the handshake was not exercised")
+    return out
 
-    def __init__(self, plan: Plan, victim: int | None, faults: Sequence[str],
-                 transitions: int | None, run_s: float, stall_s: float,
-                 progress: ProgressLine | None, holder: dict[str, Any]) -> None:
+
+def _fault_problem(f: dict[str, Any]) -> str:
+    where = f"fault {f['fault']} on slot {f['slot']} (cpu {f['cpu']})"
+    if not f["injected"]:
+        return f"{where} was not injected ({f.get('detail', '')}): run longer"
+    want = f.get("expected")
+    if want and f.get("detected_as") and want not in f["detected_as"]:
+        return f"{where} was misjudged: detected as {', '.join(f['detected_as'])}, not {want}"
+    return f"{where} was not detected" + (f" ({f['detail']})" if f.get("detail") else "")
+
+
+def _unexplained_corruption(faults: Faults, events: list[dict[str, Any]], t: dict[str, int],
+                            hists: dict[int, str]) -> list[str]:
+    """Corrupt words and histograms that no corrupt fault put there."""
+    words = {f.victim for f in faults.faults if f.kind == "corrupt" and f.word != "hist"}
+    in_hist = {f.victim for f in faults.faults if f.kind == "corrupt" and f.word == "hist"}
+    out = [f"the barrier_wait histogram of slot {s} is corrupt ({why}): left out of the merge"
+           for s, why in hists.items() if s not in in_hist]
+    stray = [e for e in events if e["kind"] == "CORRUPT" and e["other_slot"] not in words]
+    if stray or (t["check.corrupt"] and not words):
+        e = stray[0] if stray else None
+        out.append(f"{t['check.corrupt']} corrupt words found"
+                   + (f", first in slot {e['other_slot']} (its {e['word']} word held "
+                      f"{e['value']:#x})" if e else "")
+                   + ": the shared region was written by someone who does not own it")
+    return out
+
+
+class Watch:
+    """The parent's side of a stress run while it goes on: progress, the faults' injection,
+    the events as they come (collect.EventLog), stalls; then the liveness verdict."""
+
+    def __init__(self, plan: Plan, faults: Faults, transitions: int | None, run_s: float,
+                 stall_s: float, progress: ProgressLine | None, holder: dict[str, Any]) -> None:
         self.holder = holder            # {"region": the run's region}, set by its init hook
-        self.plan, self.victim, self.faults = plan, victim, tuple(faults)
+        self.plan, self.faults = plan, faults
         self.transitions, self.run_s, self.stall_s = transitions, run_s, stall_s
         self.progress = progress
-        self.vslots = [s for core in plan.cores for s in core]
-        self.injected: dict[str, float] = {}   # fault -> time.perf_counter() (CLOCK_MONOTONIC)
-        self.at_injection: dict[int, int] = {}
-        self.last: dict[int, tuple[int, float]] = {}
+        self.vslots = plan.vslots
+        self.cpus = [ws.cpu for ws in plan.workers]
+        self.log = collect.EventLog()
+        self.injected_at: float | None = None    # time.monotonic() of the injection
+        self.at_injection: dict[int, int] = {}   # each worker's progress then
+        self.last: dict[int, tuple[tuple[int, int], float]] = {}
         self.stalls: dict[int, float] = {}
-        self.victim_pid = 0
-        self.started = time.monotonic()
+        self.started: float | None = None        # the first look (the run has started)
+        self.prev: float | None = None           # the last look
 
     def _fraction(self, fraction: float, slots: np.ndarray) -> float:
         if self.transitions:
@@ -192,103 +279,93 @@ class Watch:
             return min(1.0, done / self.transitions)
         return fraction
 
+    def _region(self) -> Region | None:
+        region = self.holder.get("region")
+        return None if region is None or region.closed else region
+
     def update(self, fraction: float, slots: np.ndarray) -> None:
         now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        if self.prev is not None and now - self.prev > PARENT_GAP_S:
+            self.last.clear()        # the parent did not run meanwhile: judge nobody over it
+        self.prev = now
         frac = self._fraction(fraction, slots)
         if self.progress is not None:
             self.progress.update(frac, slots)
-        for s in self.vslots:
-            p = int(slots["progress"][s])
-            prev = self.last.get(s)
-            if prev is None or prev[0] != p:
-                self.last[s] = (p, now)
-            elif now - prev[1] > self.stall_s and s not in self.stalls:
-                pid = int(slots["pid"][s])
-                if (s != self.victim and Proc(pid).life() is Life.ALIVE
-                        and int(slots["state"][s]) == WorkerState.RUNNING
-                        and not self._finished(s)):
-                    self.stalls[s] = now - prev[1]
-        if self.victim is not None and not self.injected and (
-                frac >= 0.3 or now - self.started > 0.3 * self.run_s):
-            pid = int(slots["pid"][self.victim])
-            self.victim_pid = pid
-            self.at_injection = {s: int(slots["progress"][s]) for s in self.vslots}
-            for f in self.faults:
-                if f == "kill":
-                    _signal(pid, signal.SIGKILL)
-                elif f == "stop" and "kill" not in self.faults:
-                    _signal(pid, signal.SIGSTOP)
-                self.injected[f] = time.perf_counter()
+        region = self._region()
+        if region is not None:
+            self.log.read(region, self.cpus)
+        self._stalls(now, slots, region)
+        if not self.faults.faults:
+            return
+        if self.injected_at is None:
+            if frac >= 0.3 or now - self.started > 0.3 * self.run_s:
+                self.injected_at = now
+                self.at_injection = {s: int(slots["progress"][s]) for s in self.vslots}
+                self.faults.inject(slots, region)
+        elif region is not None:
+            self.faults.keep_on(region)
 
-    def _finished(self, s: int) -> bool:
-        """Done with its own transitions, idle until its siblings are (Stun.finish): waiting,
-        not stalled."""
-        region = self.holder.get("region")
-        if region is None or region.closed:
+    def _stalls(self, now: float, slots: np.ndarray, region: Region | None) -> None:
+        """A worker progresses when its progress word or its mode seqlock (bumped at every
+        transition, so a slow worker is seen between progress publications) moves."""
+        progress = slots["progress"].tolist()
+        mseq = region.array("cpu_state")["mseq"].tolist() if region is not None else None
+        for s in self.vslots:
+            if s in self.faults.victims:
+                continue
+            seen = (progress[s], mseq[s] if mseq is not None else 0)
+            prev = self.last.get(s)
+            if prev is None or prev[0] != seen:
+                self.last[s] = (seen, now)
+            elif now - prev[1] > self.stall_s and self._stalled(s, slots):
+                self.stalls[s] = max(self.stalls.get(s, 0.0), now - prev[1])
+
+    def _stalled(self, s: int, slots: np.ndarray) -> bool:
+        """Not stalled: dead (a failure, reported as one), stopped or traced (its siblings
+        fence or wait), done, or finished with its share and waiting for its siblings."""
+        if int(slots["state"][s]) != WorkerState.RUNNING:
             return False
-        return int(region.array("cpu_state")["phase"][s]) == Phase.FINISHED
+        if Proc(int(slots["pid"][s])).life() is not Life.ALIVE:
+            return False
+        region = self._region()
+        return region is None or int(region.array("cpu_state")["phase"][s]) != Phase.FINISHED
+
+    def collect(self, region: Region) -> dict[str, Any]:
+        """The run's end (the orchestrator's collect hook): the last events, then the rest."""
+        self.log.read(region, self.cpus)
+        return collect_run(region)
 
     def finish(self, out: orchestrator.RunOutcome, col: dict[str, Any]) -> list[dict[str, Any]]:
-        """Liveness problems: stalled workers, survivors that made no progress after a fault."""
-        problems = [{"kind": "STALL", "slot": s, "cpu": self.plan.workers[s].cpu,
-                     "stalled_s": round(v, 2)} for s, v in sorted(self.stalls.items())]
-        if self.injected and self.victim is not None:
-            for s in self.vslots:
-                if s == self.victim:
-                    continue
-                before = self.at_injection.get(s, 0)
-                after = col["counters"][s]["cpu.transitions"]
+        """Liveness problems: stalls; after a fault, survivors without progress or limping;
+        transitions not done in time. Failed workers and the faults' victims are judged as
+        failures and faults, not here."""
+        cpu_of = {s: self.plan.workers[s].cpu for s in self.vslots}
+        problems: list[dict[str, Any]] = [
+            {"kind": "STALL", "slot": s, "cpu": cpu_of[s], "stalled_s": round(v, 2)}
+            for s, v in sorted(self.stalls.items())]
+        failed = {f.slot for f in out.failures}
+        survivors = [s for s in self.vslots if s not in self.faults.victims and s not in failed]
+        done = {s: col["counters"][s]["cpu.transitions"] for s in self.vslots}
+        share = math.ceil(self.transitions / len(self.vslots)) if self.transitions else 0
+        if self.injected_at is not None and self.started is not None and self.prev is not None:
+            before_s = self.injected_at - self.started
+            after_s = self.prev - self.injected_at
+            for s in survivors:
+                before, after = self.at_injection.get(s, 0), done[s]
                 if after <= before:
                     problems.append({"kind": "NO_PROGRESS_AFTER_FAULT", "slot": s,
-                                     "cpu": self.plan.workers[s].cpu, "transitions": after})
+                                     "cpu": cpu_of[s], "transitions": after})
+                elif (before_s > 0.1 and after_s > 0.1 and not (share and after >= share)
+                      and (after - before) / after_s < before / before_s / LIMP_RATIO):
+                    problems.append({
+                        "kind": "LIMPING", "slot": s, "cpu": cpu_of[s],
+                        "per_s_before": round(before / before_s),
+                        "per_s_after": round((after - before) / after_s)})
         if self.transitions:
-            short = [s for s in self.vslots if s != self.victim and
-                     col["counters"][s]["cpu.transitions"] < math.ceil(self.transitions / len(self.vslots))
-                     and not out.failures]
+            short = [s for s in survivors if done[s] < share]
             if short and out.elapsed_s >= self.run_s * 0.99:
                 problems.append({"kind": "UNFINISHED", "slots": short,
                                  "detail": f"the transitions were not done in {self.run_s:.0f}s"})
         return problems
-
-    def fault_report(self, col: dict[str, Any], out: orchestrator.RunOutcome) -> list[dict[str, Any]]:
-        report = []
-        if self.victim is None:
-            return report
-        vcpu = self.plan.workers[self.victim].cpu
-        core = next(c for c in self.plan.cores if self.victim in c)   # the victim's siblings
-        for f in self.faults:
-            if f not in self.injected and f != "delay":
-                report.append({"fault": f, "slot": self.victim, "cpu": vcpu, "injected": False,
-                               "detected": False, "detail": "the run ended before injection"})
-                continue
-            if f == "delay":
-                evs = [e for e in col["events"] if e["kind"] == "TIMEOUT"
-                       and e["other_slot"] == self.victim]
-                # slow waits are counted per CPU, not per lane waited for: the victim's
-                # siblings are the only ones that wait for it
-                waited = sum(col["counters"][s]["cpu.slow"] for s in core if s != self.victim)
-                report.append({"fault": "delay", "slot": self.victim, "cpu": vcpu,
-                               "injected": True, "detected": waited > 0 or bool(evs),
-                               "detail": f"{waited} liveness checks found it alive and waited"})
-                continue
-            want = "FENCE_DEAD" if f == "kill" else "FENCE_STOPPED"
-            evs = [e for e in col["events"] if e["kind"] in ("FENCE_DEAD", "FENCE_STOPPED")
-                   and e["other_slot"] == self.victim]
-            bit = 1 << core.index(self.victim)      # fence masks are by lane within the core
-            fenced_by = [s for s in core if s != self.victim and col["fenced"][s] & bit]
-            report.append({
-                "fault": f, "slot": self.victim, "cpu": vcpu, "injected": True,
-                "detected": bool(evs) or bool(fenced_by),
-                "detected_as": sorted({e["kind"] for e in evs}) or None,
-                "expected": want, "fenced_by_slots": fenced_by,
-                "detect_after_ms": (round((evs[0]["ns"] / 1e9 - self.injected[f]) * 1e3, 1)
-                                    if evs else None),
-            })
-        return report
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
