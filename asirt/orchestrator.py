@@ -31,9 +31,20 @@ from shm_layout import Region, RegionState, Section, WorkerState, reclaim
 from shm_layout.header import START_NS_WORD, STOP_WORD
 from shm_layout.sections import MAX_SIBLINGS
 
-STARTUP_TIMEOUT_S = 60.0   # python start + numpy import on a loaded 2-CPU machine
-STOP_GRACE_S = 5.0         # after stop: how long a worker may take to notice and record
+# Both bounds count from the last progress of *any* worker, not from the first spawn or the
+# stop: hundreds of workers oversubscribing two CPUs start and stop one after another, so a
+# fixed bound on the whole would fail a large run that is merely slow, however healthy.
+STARTUP_TIMEOUT_S = 60.0   # no worker became ready for this long (python start + imports)
+STOP_GRACE_S = 5.0         # after stop: no worker exited for this long (notice, record, exit)
 POLL_S = 0.05
+#: how often, while workers start, the parent looks for one that exited (a look costs a
+#: waitpid per worker: every 10 ms it would grow with the workers times the start-up's length)
+STARTUP_CHECK_S = 0.25
+#: workers starting at once, per CPU this process may use (the rest wait for their turn)
+START_WINDOW_PER_CPU = 4
+#: a worker does no bulk numpy work: one BLAS thread, not one per CPU (creating those was half
+#: of a worker's start-up, and hundreds of workers would hold thousands of idle threads)
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,9 @@ class RunOutcome:
     failures: list[WorkerFailed]
     elapsed_s: float
     collected: Any = None        # what RunSpec.collect returned
+    startup_s: float = 0.0       # from the first spawn until the start barrier opened
+    stop_s: float = 0.0          # from the stop request until every worker had exited
+    region_bytes: int = 0        # the shared region's size
 
     def merged(self, metric_index: int, workers: Sequence[int] | None = None) -> np.ndarray:
         rows = self.hists[:, metric_index] if workers is None else self.hists[list(workers), metric_index]
@@ -118,7 +132,7 @@ class _Children:
         # learn about: take it only once the child is in our list.
         with deferred_interrupts():
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    close_fds=True)
+                                    close_fds=True, env={**os.environ, **WORKER_ENV})
             self.procs.append(proc)
         return proc
 
@@ -204,6 +218,7 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
     failures: list[WorkerFailed] = []
     reported: set[int] = set()
     started: float | None = None      # when the start barrier opened; None: it never did
+    startup = 0.0
     try:
         _fill(region, spec)
         start = region.semaphore("start")
@@ -212,8 +227,9 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
         if spec.init is not None:
             spec.init(region)
         over = oversubscribed(spec.workers)
-        for slot, ws in enumerate(spec.workers):
-            children.spawn(_worker_argv(region, slot, ws, over))
+        nworkers = len(spec.workers)
+        window = START_WINDOW_PER_CPU * len(os.sched_getaffinity(0))
+        spawned = time.monotonic()
         w = region.words
         state_words = [region.word_index("slots", i, "state") for i in range(len(spec.workers))]
 
@@ -229,16 +245,32 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
 
         # Every worker pinned, attached and waiting on the barrier, or one failed. A failure
         # here ends the run like one during it (stop, collect, return it in the outcome), so
-        # the caller reports this entry as failed and keeps the others.
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not failures and any(w[s] != WorkerState.READY for s in state_words):
-            check_children()
-            if not failures and time.monotonic() > deadline:
-                for i, s in enumerate(state_words):
-                    if w[s] != WorkerState.READY and i not in reported:
+        # the caller reports this entry as failed and keeps the others. Workers are spawned
+        # a window at a time: hundreds started at once would all import together, none ready
+        # before all are, so the start-up bound would measure the whole crowd.
+        states = region.array("slots")["state"]
+        ready, last_ready = 0, time.monotonic()
+        next_check = 0.0
+        while not failures:
+            now = time.monotonic()
+            n = int((states == WorkerState.READY).sum())
+            if n == nworkers:
+                break
+            if n > ready:
+                ready, last_ready = n, now
+            while len(children.procs) < min(nworkers, n + window):
+                slot = len(children.procs)
+                children.spawn(_worker_argv(region, slot, spec.workers[slot], over))
+            if now >= next_check:
+                check_children()
+                next_check = now + STARTUP_CHECK_S
+            if not failures and now - last_ready > STARTUP_TIMEOUT_S:
+                for i in range(len(children.procs)):
+                    if w[state_words[i]] != WorkerState.READY and i not in reported:
                         reported.add(i)
                         failures.append(_failed(
-                            spec, i, f"did not become ready in {STARTUP_TIMEOUT_S:.0f}s",
+                            spec, i, f"did not become ready ({ready} of {len(state_words)} "
+                            f"workers did, none in the last {STARTUP_TIMEOUT_S:.0f}s)",
                             f"{_liveness(children.procs[i].pid)}; is the machine overloaded?"))
             else:
                 time.sleep(0.01)
@@ -246,6 +278,7 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
             region.set_state(RegionState.RUNNING)
             w[START_NS_WORD] = time.perf_counter_ns()
             started = time.monotonic()
+            startup = started - spawned
             for _ in spec.workers:
                 start.release()
             _supervise(spec, region, state_words, started, failures, reported, check_children,
@@ -257,6 +290,8 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunOutcome:
                 elapsed = 0.0 if started is None else time.monotonic() - started
                 outcome = _stop_and_collect(region, spec, children, failures, reported, elapsed,
                                             ran=started is not None)
+                outcome.startup_s = startup
+                outcome.region_bytes = len(region.words) * 8
             finally:
                 children.close()
                 region.close()
@@ -299,14 +334,24 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
     start = region.semaphore("start")
     for _ in spec.workers:      # a worker still waiting at the barrier wakes, sees stop, ends
         start.release()
-    deadline = time.monotonic() + STOP_GRACE_S
-    for i, proc in enumerate(children.procs):
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            if ran and i not in reported:
-                reported.add(i)
-                failures.append(_failed(spec, i, "did not stop", _liveness(proc.pid)))
+    stopped = last_exit = time.monotonic()
+    running = list(range(len(children.procs)))
+    while running:
+        still = [i for i in running if children.procs[i].poll() is None]
+        now = time.monotonic()
+        if len(still) < len(running):
+            last_exit = now
+        running = still
+        if running and now - last_exit > STOP_GRACE_S:
+            for i in running:
+                if ran and i not in reported:
+                    reported.add(i)
+                    failures.append(_failed(spec, i, "did not stop",
+                                            _liveness(children.procs[i].pid)))
+            break
+        if running:
+            time.sleep(POLL_S)
+    stop_s = time.monotonic() - stopped
     children.kill_all()
     for i, proc in enumerate(children.procs):
         if ran and i not in reported and proc.returncode != 0:
@@ -316,7 +361,7 @@ def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
     slots = region.array("slots").copy()
     collected = spec.collect(region) if spec.collect is not None else None
     region.set_state(RegionState.DONE)
-    return RunOutcome(hist, slots, failures, elapsed, collected=collected)
+    return RunOutcome(hist, slots, failures, elapsed, collected=collected, stop_s=stop_s)
 
 
 def _failed(spec: RunSpec, slot: int, status: str, detail: str) -> WorkerFailed:

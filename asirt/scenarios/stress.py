@@ -185,6 +185,8 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         "barrier": barrier, "ndomains": ndomains, "emulated": topo.emulated,
         "lanes": core_cpus, "workers": len(vslots), "oversubscribed": pl.oversubscribed,
         # out.elapsed_s: start barrier -> stop request, without spawning and teardown
+        "startup_s": round(out.startup_s, 3), "stop_s": round(out.stop_s, 3),
+        "region_bytes": out.region_bytes,
         "transitions_target": transitions,
         "transitions_per_s": (round(t["cpu.transitions"] / out.elapsed_s) if out.elapsed_s > 0
                               else None),
