@@ -228,10 +228,13 @@ class Monitor:
         return p.dead()
 
     def _out(self, slots: list[int], fenced: list[int], pids: list[int]) -> int:
-        """Lanes of a core left out: fenced off by any sibling, or dead."""
-        w, mask = self.w, 0
+        """Lanes of a core left out: fenced off by any sibling (a mask that names lanes the
+        core does not have is garbage: ignored), or dead."""
+        w, mask, full = self.w, 0, (1 << len(slots)) - 1
         for i in fenced:
-            mask |= w[i]
+            m = w[i]
+            if 0 <= m <= full:
+                mask |= m
         for a, s in enumerate(slots):
             if not mask >> a & 1 and self._gone(s, pids[a]):
                 mask |= 1 << a

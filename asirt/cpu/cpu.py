@@ -139,10 +139,14 @@ class Cpu:
         return p.life()
 
     def fenced_any(self) -> int:
-        """Lanes fenced off by any CPU of this core (every lane's published mask, or-ed)."""
-        w, mask = self.w, 0
+        """Lanes fenced off by any CPU of this core (every lane's published mask, or-ed). A
+        mask that names lanes the core does not have is garbage and ignored: trusted, it would
+        take every lane out of every check (asirt.cpu.guard finds it)."""
+        w, mask, full = self.w, 0, (1 << self.nlanes) - 1
         for i in self.s_fenced:
-            mask |= w[i]
+            m = w[i]
+            if 0 <= m <= full:
+                mask |= m
         return mask
 
     def counts(self, j: int) -> bool:
