@@ -322,7 +322,8 @@ def _supervise(spec: RunSpec, region: Region, state_words: list[int], started: f
 def _stop_and_collect(region: Region, spec: RunSpec, children: _Children,
                       failures: list[WorkerFailed], reported: set[int],
                       elapsed: float, ran: bool = True) -> RunOutcome:
-    """Ask every worker to stop, give them a grace period, kill the rest, copy results out.
+    """Ask every worker to stop, wait while they keep exiting (until none has for
+    STOP_GRACE_S), kill the rest, copy results out.
 
     ``ran`` False: the start barrier never opened (a worker failed at start-up). Workers
     still starting then end however the stop finds them (an attach after it is refused,

@@ -258,8 +258,8 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             if name in s.get("counters", {}):
                 rows.append([*where, name, str(s["counters"][name]), *[""] * 6])
         for f in s.get("faults", []):
-            rows.append([*where, f"fault {f['fault']} cpu {f['cpu']}", _fault_seen(f),
-                         *[""] * 6])
+            what = f"fault {f['fault']}" + (f" {f['word']}" if f.get("word") else "")
+            rows.append([*where, f"{what} cpu {f['cpu']}", _fault_seen(f), *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])
     return _render(head, rows)
@@ -316,7 +316,7 @@ _METRIC = {"count": int, **{k: _NUMBER for k in ("min", "p50", "p90", "p99", "p9
 _SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
              "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
              "faults?": [{"fault": str, "cpu": int, "detected?": bool, "injected?": bool,
-                          "detect_after_ms?": _NUMBER}],
+                          "detect_after_ms?": _NUMBER, "word?": str}],
              "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER}}
 _RESULT = {"run_id": str, "started_at": str, "host": {"hostname": str, "cpu_model": str},
            "topology": {"emulated?": bool}, "scenarios": [_SCENARIO]}

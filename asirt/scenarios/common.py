@@ -18,6 +18,8 @@ __all__ = ["Plan", "plan_cores", "plan", "sync_sections", "sync_init", "collect_
 
 #: events listed in result.json per entry (the counters have them all)
 MAX_LISTED = 50
+#: the most vCPU workers a run may ask for (README.md's scale table measures up to 256)
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ def plan_cores(topo: Topology, lanes_per_core: int | None = None, workers: int |
         if lanes_per_core is None and ncores == len(usable):
             return usable
     else:
+        if workers > MAX_WORKERS:
+            raise BadInput(f"--workers {workers}", f"more than {MAX_WORKERS} worker processes "
+                           "(each a Python process of about 30 MB, started one by one)",
+                           f"choose at most {MAX_WORKERS}")
         if workers % k or workers < k * min_cores:
             need = k * max(min_cores, -(-workers // k))
             raise BadInput(f"--workers {workers}",
