@@ -161,9 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stress", help="randomized transitions and injected faults; checks S1-S3 "
                         "and liveness")
-    st.add_argument("--protocol", default="strict",
+    st.add_argument("--protocol",
                     help=f"comma-separated subset of {','.join(ALL_PROTOCOLS)} "
                     "(default strict; naive and the broken variants must show violations)")
+    st.add_argument("--strategy", metavar="LIST",
+                    help="stress the KVM vCPU loop under these strategies instead of the "
+                    f"handshake's walk: comma-separated subset of {','.join(kvm_strategies.NAMES)} "
+                    f"or all ({','.join(kvm_strategies.BROKEN)} are broken on purpose); with ASI, "
+                    "shootdowns, stuns and cookie changes through the delays and --faults; one "
+                    "that claims safety must show no leak, one that does not must show some")
+    st.add_argument("--guest", choices=kvm_scenario.GUESTS, default="auto",
+                    help="with --strategy: real vCPUs through /dev/kvm, or the emulated guest "
+                    "(default auto: kvm where a VM can be created)")
+    st.add_argument("--profile", metavar="NAME|FILE", default="default",
+                    help="with --strategy: the exit profile (asirt profile list)")
+    st.add_argument("--gadgets", type=_probability, metavar="P", default=0.0,
+                    help="with --strategy: speculative-gadget probability per exit")
+    st.add_argument("--vms", type=_positive_int, metavar="N", default=KvmParams.vms,
+                    help="with --strategy: VMs multiplexed on every lane "
+                    f"(default {KvmParams.vms})")
     length = st.add_mutually_exclusive_group()
     length.add_argument("--duration", type=_duration, metavar="SECONDS",
                         help="run each protocol this long (default 10)")
@@ -180,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=StressParams.seed,
                     help=f"seed of the random walk (default {StressParams.seed})")
     st.add_argument("--transport", default=CpuParams.transport, choices=TRANSPORTS)
-    st.add_argument("--barrier", default=StressParams.barrier, choices=BARRIERS)
+    st.add_argument("--barrier", choices=BARRIERS,
+                    help=f"the handshake walk's VM-entry barrier (default {StressParams.barrier}; "
+                    "a --strategy has its own)")
     st.add_argument("--no-delays", action="store_true",
                     help="no injected sleeps and yields between protocol steps")
     st.add_argument("--cpus", metavar="LIST", help="CPUs to use (default all allowed)")
@@ -311,9 +329,17 @@ def _stress_topology(args: argparse.Namespace) -> tuple[Any, int | None]:
 
 
 def cmd_stress(args: argparse.Namespace) -> int:
-    protocols = scenarios.parse_choices(args.protocol, ALL_PROTOCOLS, "--protocol")
     faults = tuple(scenarios.parse_choices(args.faults, stress.FAULTS, "--faults")
                    if args.faults else ())
+    if args.strategy is not None:
+        return _stress_strategies(args, faults)
+    given = [f"--{k}" for k in ("guest", "profile", "gadgets", "vms")
+             if getattr(args, k) != STRESS_KVM_DEFAULTS[k]]
+    if given:
+        raise BadInput(given[0], "is an option of the vCPU loop's stress",
+                       "add --strategy LIST, or leave it out")
+    protocols = scenarios.parse_choices(args.protocol or "strict", ALL_PROTOCOLS, "--protocol")
+    barrier = args.barrier or StressParams.barrier
     if args.transitions is None and args.duration is None:
         args.duration = 10.0
     topo, lanes = _stress_topology(args)
@@ -322,12 +348,51 @@ def cmd_stress(args: argparse.Namespace) -> int:
     progress = ProgressLine(len(protocols), quiet=args.quiet)
     config = {"scenario": "stress", "protocols": protocols, "duration_s": args.duration,
               "transitions": args.transitions, "faults": list(faults), "workers": args.workers,
-              "seed": args.seed, "transport": args.transport, "barrier": args.barrier,
+              "seed": args.seed, "transport": args.transport, "barrier": barrier,
               "delays": not args.no_delays}
     runs = (stress.run_stress(
         topo, p, transitions=args.transitions, duration_s=args.duration, seed=args.seed,
         delays=not args.no_delays, faults=faults, progress=progress, transport=args.transport,
-        barrier=args.barrier, lanes_per_core=lanes, workers=args.workers) for p in protocols)
+        barrier=barrier, lanes_per_core=lanes, workers=args.workers) for p in protocols)
+    return _run(args, "stress", topo, config, runs)
+
+
+#: the vCPU loop's stress options at their defaults (given without --strategy: refused)
+STRESS_KVM_DEFAULTS = {"guest": "auto", "profile": "default", "gadgets": 0.0,
+                       "vms": KvmParams.vms}
+
+
+def _stress_strategies(args: argparse.Namespace, faults: tuple[str, ...]) -> int:
+    """``asirt stress --strategy LIST``: the vCPU loop under each strategy, stressed."""
+    names = (kvm_strategies.NAMES if args.strategy.strip() == "all" else
+             scenarios.parse_choices(args.strategy, kvm_strategies.ALL_NAMES, "--strategy"))
+    for opt, value, fix in (("--protocol", args.protocol, "a strategy has its own protocol"),
+                            ("--barrier", args.barrier, "a strategy has its own barrier"),
+                            ("--transitions", args.transitions,
+                             "the vCPU loop runs for a time: give --duration")):
+        if value is not None:
+            raise BadInput(f"{opt} with --strategy", "does not apply", fix)
+    if args.duration is None:
+        args.duration = 10.0
+    kvm_profiles.load(args.profile)            # a bad profile: exit 2 before anything runs
+    if not 1 <= args.vms <= 7:
+        raise BadInput(f"--vms {args.vms}", "out of range", "choose 1..7 (security domains)")
+    guest, why = kvm_scenario.resolve_guest(args.guest, args.transport)
+    topo, lanes = _stress_topology(args)
+    plan_cores(topo, lanes, args.workers, min_cores=max(1, len(faults)))
+    progress = ProgressLine(len(names), quiet=args.quiet)
+    config = {"scenario": "stress", "strategies": list(names), "duration_s": args.duration,
+              "faults": list(faults), "workers": args.workers, "seed": args.seed,
+              "transport": args.transport, "guest": guest, "guest_reason": why,
+              "profile": args.profile, "gadgets": args.gadgets, "vms": args.vms,
+              "delays": not args.no_delays}
+    if not args.quiet:
+        print(f"guest {guest}: {why}", file=sys.stderr)
+    runs = (stress.run_kvm_stress(
+        topo, s, args.duration, seed=args.seed, delays=not args.no_delays, faults=faults,
+        progress=progress, transport=args.transport, guest=guest, profile=args.profile,
+        gadgets=args.gadgets, vms=args.vms, lanes_per_core=lanes, workers=args.workers)
+        for s in names)
     return _run(args, "stress", topo, config, runs)
 
 

@@ -114,6 +114,13 @@ class KvmParams:
     interrupts: str = "stay"               # ASI strategies: interrupts stay restricted | exit
     draws: int = 1 << 15                   # profile draws made up front (then cycled)
     guest: str = "emulated"                # the guest backend: emulated | kvm
+    # -- asirt stress --strategy: the loop under injected delays and faults --------------------
+    delays: DelayParams | None = None      # injected delays at every protocol step
+    shootdowns: float = 0.0                # per exit (ASI strategies): unmap a VM-local page
+                                           # while siblings walk, then map it again
+    audit: bool = False                    # audit its own published words every cycle
+    fault_delay_at: int = 0                # the delay fault: at this sensitive section,
+    fault_delay_s: float = 0.0             # ... sleep this long inside HOST (0: none)
 
 
 @dataclass(frozen=True)

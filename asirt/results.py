@@ -220,7 +220,8 @@ def fmt_ns(v: Any) -> str:
 
 
 #: counters worth a row of their own in the table
-TABLE_COUNTERS = ("cpu.transitions", "violations", "asi.shootdowns_sent")
+TABLE_COUNTERS = ("cpu.transitions", "kvm.cycles", "violations", "check.leaks",
+                  "asi.shootdowns_sent")
 
 
 def _render(head: list[str], rows: list[list[str]]) -> str:
@@ -270,6 +271,8 @@ def _fault_seen(f: dict[str, Any]) -> str:
     where the detection has a time: a delay fault's has none, only the waits it caused)."""
     if f.get("injected") is False:
         return "not injected"
+    if f.get("detected") is None and f.get("injected"):
+        return "nobody waits (survivors judged)"
     if not f.get("detected"):
         return "NOT DETECTED"
     ms = f.get("detect_after_ms")
@@ -315,8 +318,8 @@ _NUMBER = (int, float, type(None))
 _METRIC = {"count": int, **{k: _NUMBER for k in ("min", "p50", "p90", "p99", "p999", "max")}}
 _SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
              "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
-             "faults?": [{"fault": str, "cpu": int, "detected?": bool, "injected?": bool,
-                          "detect_after_ms?": _NUMBER, "word?": str}],
+             "faults?": [{"fault": str, "cpu": int, "detected?": (bool, type(None)),
+                          "injected?": bool, "detect_after_ms?": _NUMBER, "word?": str}],
              "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER}}
 _RESULT = {"run_id": str, "started_at": str, "host": {"hostname": str, "cpu_model": str},
            "topology": {"emulated?": bool}, "scenarios": [_SCENARIO]}

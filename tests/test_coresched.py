@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -137,6 +140,28 @@ def test_a_patient_sibling_claims_the_core_next_and_the_runner_yields_at_its_saf
         assert ca.run_task(1, max_wait_ns=5_000_000) is False   # the claim goes first
         assert claim.result() is True
         cb.stop_task()
+
+
+def test_a_dead_sibling_holding_its_task_is_fenced_by_the_short_waits_behind_it():
+    """Each forced-idle wait is bounded by a tick, far below the ack timeout, and runs of the
+    dead sibling's own cookie come between them: their sum must still reach a liveness check
+    (asirt stress --strategy coresched --faults kill found the dead lane never fenced)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with cpu_region(2, pids=[os.getpid(), dead.pid]) as r:
+        a, b, ca, cb = _scheds(r, patience_ns=10**9)
+        assert cb.run_task(7) is True              # lane 1 runs cookie 7, then "dies"
+        deadline = time.monotonic() + 5
+        while not a.fenced_mask >> 1 & 1 and time.monotonic() < deadline:
+            if ca.run_task(9, max_wait_ns=2_000_000):   # a tick's wait behind it
+                ca.stop_task()
+                break
+            assert ca.run_task(7, 0) is True             # its cookie runs beside it
+            ca.stop_task()
+        assert a.fenced_mask >> 1 & 1
+        assert counter(a, "cpu.fenced") == 1
+        assert ca.run_task(9, max_wait_ns=2_000_000) is True   # out of the core's record
+        ca.stop_task()
 
 
 # -- kernel core scheduling ------------------------------------------------------------------

@@ -15,10 +15,10 @@ from asirt.scenarios.faults import Faults, bad_histograms
 from shm_layout.counters import COUNTERS
 
 
-def _faults(*kinds: str, word: str = "mode") -> Faults:
+def _faults(*kinds: str, word: str = "mode", **kw) -> Faults:
     """One core of two lanes (slots 2k, 2k+1) per fault; its victim the odd slot."""
     pl = plan([[0, 1]] * len(kinds), "stress", lambda k, lane: StressParams(), monitor=True)
-    return Faults(pl, kinds, word)
+    return Faults(pl, kinds, word, **kw)
 
 
 def _counters(n: int, **per_slot: dict[str, int]) -> list[dict[str, int]]:
@@ -106,3 +106,26 @@ def test_a_histogram_that_is_not_one_of_its_samples_is_found():
     bad = bad_histograms(hists, counters, [0, 1, 2], failed=set())
     assert sorted(bad) == [1, 2] and "bucket 0 holds -7" in bad[1] and "5 samples" in bad[2]
     assert sorted(bad_histograms(hists, counters, [0, 1, 2], failed={2})) == [1]  # one short
+
+
+def test_where_nobody_waits_an_undetected_fault_is_survived_not_missed():
+    """asirt stress --strategy none: no lane waits for a sibling, so a kill, stop or delay may
+    stall nobody: undetected, it is None ("nobody waits"), not a failed detection; a corrupt
+    word is still read (and must be caught); a stopped victim may stay stopped to the end."""
+    f = _faults("kill", "stop", "delay", "corrupt", word="gen", waits_on_siblings=False)
+    for x in f.faults:
+        x.injected_ns = 1_000_000
+    counters = _counters(9, s5={"fault.delays": 1})
+    r = _judge(f, counters=counters)
+    assert [x["detected"] for x in r] == [None, None, None, False]
+    assert "survivors" in r[0]["detail"]
+    fenced = _judge(f, [_event("FENCE_DEAD", 0, 1)], counters=counters,
+                    fenced=[0b10] + [0] * 8)
+    assert fenced[0]["detected"] is True                # a fence still counts when it happens
+    assert f.expected(WorkerFailed(1, "did not stop", slot=3))
+    assert not _faults("stop").expected(WorkerFailed(1, "did not stop", slot=1))
+
+
+def test_under_smt_off_the_victim_is_the_lane_that_runs():
+    f = _faults("kill", "delay", victim_lane=0)
+    assert [x.victim for x in f.faults] == [0, 2]

@@ -33,12 +33,13 @@ STALL_S = 0.02          # the made-up runs' stall threshold; the tests wait well
 
 
 def _watch(*, faults: tuple[str, ...] = (), transitions: int | None = None,
-           run_s: float = 60.0, stall_s: float = 60.0, holder: dict | None = None) -> Watch:
+           run_s: float = 60.0, stall_s: float = 60.0, holder: dict | None = None,
+           idle: tuple[int, ...] = ()) -> Watch:
     """The watch of a stress run on one core of two lanes (slots 0 and 1), no monitor; a
     fault's victim is slot 1."""
     pl = plan([[0, 0]], "stress", lambda k, lane: StressParams(), monitor=False)
     return Watch(pl, Faults(pl, faults), transitions, run_s, stall_s, None,
-                 {} if holder is None else holder)
+                 {} if holder is None else holder, idle)
 
 
 def _slots(progress: list[int], pids: list[int] | None = None) -> np.ndarray:
@@ -80,6 +81,13 @@ def test_a_running_worker_whose_progress_froze_is_a_stall():
     problems = watch.finish(_outcome(1.0), _collected([6, 5]))
     assert [(p["kind"], p["slot"]) for p in problems] == [("STALL", 1)], problems
     assert problems[0]["stalled_s"] >= STALL_S
+
+
+def test_a_lane_idle_by_design_is_no_stall():
+    """Under smt-off the second lane never runs a vCPU: no progress is expected of it."""
+    watch = _watch(stall_s=STALL_S, idle=(1,))
+    _frozen(watch, _slots([5, 5]))
+    assert watch.finish(_outcome(1.0), _collected([6, 5])) == []
 
 
 def test_progress_within_the_threshold_is_no_stall():

@@ -4,6 +4,10 @@ The vCPU loop (asirt.kvm.loop) under one strategy, on this pinned CPU: its stun 
 ASI side, its VM-entry barrier, core scheduling where the strategy has cookies, the guest
 backend, and the histograms the run measures (``exit_handling``, ``stun_roundtrip``,
 ``barrier_wait``, ``vm_cycle_overhead``, ``forced_idle``).
+
+Under ``asirt stress --strategy`` the same loop runs with injected delays at every protocol
+step, TLB shootdowns among the exits, the audit of its own words every cycle, and the delay
+fault inside HOST (workers/stress.py's :func:`delay_fault`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from asirt.sync.barrier import SpinBarrier
 from asirt.sync.corelock import CoreLock
 from asirt.sync.coresched import CoreSched
 from asirt.sync.stun import Stun
-from workers.context import WorkerContext
+from workers.context import WorkerContext, make_delay
+from workers.stress import delay_fault
 
 PARAMS = KvmParams
 METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle",
@@ -40,7 +45,9 @@ def prepare(ctx: WorkerContext) -> tuple[Stun, GuestBackend]:
     """Before the start barrier: the stun, and the guest backend (a real one measures and
     calibrates here, and becomes kickable before any sibling runs)."""
     p: KvmParams = ctx.params
-    stun = ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol)
+    delay = make_delay(ctx.rng(p.seed), p.delays) if p.delays is not None else None
+    stun = ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol,
+                         delay)
     try:
         return stun, _backend(ctx, stun, p, parse_toml(p.profile_toml, "the run's profile"))
     except BaseException:
@@ -63,6 +70,8 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
                             Memory.find(asi, p.vms), backend,
                             SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
                             {m: ctx.recorder(m) for m in METRICS})
+            if p.fault_delay_s:
+                loop.in_host = _delay_fault(cpu, p)
             cpu.start()
             started = loop.start()
             try:
@@ -79,3 +88,14 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
     finally:
         backend.close()
         cpu.close()
+
+
+def _delay_fault(cpu, p: KvmParams):
+    """The delay fault's trigger: at the ``fault_delay_at``-th known sensitive access."""
+    n = [0]
+
+    def in_host() -> None:
+        n[0] += 1
+        if n[0] == p.fault_delay_at:
+            delay_fault(cpu, p.fault_delay_s)
+    return in_host

@@ -112,6 +112,11 @@ class VcpuLoop:
         self.intr = [is_interrupt(r.name) and params.interrupts == "exit"
                      for r in profile.reasons]
         self.rng = random.Random(seed + 2)
+        # asirt stress --strategy: shootdowns among the exits, the own-word audit every cycle,
+        # and ``in_host`` (the delay fault) called inside HOST at every known sensitive access
+        self.shoot = params.shootdowns if strategy.restricted else 0.0
+        self.audit = cpu.guard.audit if params.audit else None
+        self.in_host: Callable[[], None] | None = None
         self.i = 0
         self.stun_held = False          # a stun request of this CPU is active
         self.left = False               # this exit left the restricted space
@@ -155,6 +160,8 @@ class VcpuLoop:
         """One VM entry, guest slice, exit and its handling. None: go on; OK never; DOMAIN:
         a sibling runs another VM (run its vCPU next); STOP; TIMEOUT: the tick is over."""
         w, c = self.w, self.c
+        if self.audit is not None:
+            self.audit()                       # its own words hold what it wrote (cpu.guard)
         r = self._enter(deadline)
         if r != Result.OK:
             if r == Result.DOMAIN:
@@ -241,6 +248,8 @@ class VcpuLoop:
         handler -= plain
         if s:
             self._sensitive(rng.choice(mem.secrets))
+        if self.shoot and rng.random() < self.shoot:
+            self._shootdown(rng.choice(mem.local[self.state.dom]))
         if to_user:
             self.w[self.c["to_user"]] += 1
             self._leave_for_host()             # the VMM in user space: out of ASI
@@ -260,12 +269,24 @@ class VcpuLoop:
         st = self.strat
         if st.restricted or not st.stun_sensitive:
             self.asi.access(va)                # restricted: faults, the hook stuns
+            if self.in_host is not None:
+                self.in_host()
             return
         self._request()                        # kcs: untag = stun
         self.stun.enter_host()
         self.asi.access(va)
+        if self.in_host is not None:
+            self.in_host()
         self.stun.leave_host()
         self._release()                        # retag
+
+    def _shootdown(self, va: int) -> None:
+        """Unmap a page of this VM's own memory from its restricted tree while the siblings in
+        it may walk it (each flushes its TLB at its safe point before this returns), then map
+        it again: the TLB shootdowns of ``asirt stress --strategy``."""
+        inst = self.mem.instance[self.state.dom]
+        self.asi.unmap_restricted(inst, va)
+        self.asi.map_restricted(inst, va)
 
     def _leave_for_host(self) -> None:
         st = self.strat

@@ -23,6 +23,12 @@ and never stopped. The parent injects at about a third of the run:
 A fault is *detected* when the evidence names its victim: the fence of the expected kind
 (kill, stop), the victim's own count of the waits its delay caused (delay), a CORRUPT report
 and the lane out (corrupt). A victim's death is expected only for the fault that kills it.
+Where no lane has to wait for a sibling (``asirt stress --strategy`` none, smt-off,
+coresched: nobody stuns, no barrier; core scheduling waits only behind a task the victim
+holds, and fences it then) a kill, stop or delay may stall nobody and have nothing to be
+detected by. Undetected, its ``detected`` is None ("nobody waits"), and the survivors'
+progress is what is judged; a stopped victim then stays stopped until the run's end, which
+kills it.
 """
 from __future__ import annotations
 
@@ -74,10 +80,14 @@ class Fault:
 class Faults:
     """The faults of one stress run, their victims, injection and verdicts."""
 
-    def __init__(self, plan: Plan, kinds: Sequence[str], word: str = "mode") -> None:
-        self.plan = plan
-        self.faults = [Fault(kind, plan.cores[i][-1], plan.cores[i], plan.workers[
-            plan.cores[i][-1]].cpu, word if kind == "corrupt" else "")
+    def __init__(self, plan: Plan, kinds: Sequence[str], word: str = "mode",
+                 victim_lane: int = -1, waits_on_siblings: bool = True) -> None:
+        """``victim_lane``: each victim's lane in its core (a lane that runs: under SMT off
+        only the first does); ``waits_on_siblings``: False where no lane waits for another
+        (module docstring)."""
+        self.plan, self.waits = plan, waits_on_siblings
+        self.faults = [Fault(kind, plan.cores[i][victim_lane], plan.cores[i], plan.workers[
+            plan.cores[i][victim_lane]].cpu, word if kind == "corrupt" else "")
             for i, kind in enumerate(kinds)]
         self.victims = {f.victim for f in self.faults}
 
@@ -131,15 +141,24 @@ class Faults:
     # -- verdicts (the parent, after the run) ----------------------------------------------
     def expected(self, failure: WorkerFailed) -> bool:
         """Whether a worker's failure is the one a fault was meant to cause."""
-        return any(f.victim == failure.slot and failure.status in _DEATHS[f.kind]
-                   and f.word != "hist" for f in self.faults)
+        return any(f.victim == failure.slot and f.word != "hist" and (
+            failure.status in _DEATHS[f.kind]
+            or (f.kind == "stop" and not self.waits and failure.status == "did not stop"))
+            for f in self.faults)
 
     def judge(self, events: list[dict[str, Any]], counters: list[dict[str, int]],
               fenced: list[int], failures: Sequence[WorkerFailed],
               corrupt_hists: dict[int, str]) -> list[dict[str, Any]]:
-        """One report per fault: injected, detected, how, and how soon."""
-        return [self._judge(f, events, counters, fenced, failures, corrupt_hists)
-                for f in self.faults]
+        """One report per fault: injected, detected, how, and how soon (module docstring)."""
+        out = [self._judge(f, events, counters, fenced, failures, corrupt_hists)
+               for f in self.faults]
+        if not self.waits:
+            for r in out:
+                if r["fault"] in ("kill", "stop", "delay") and r["injected"] and not r["detected"]:
+                    r.update(detected=None, detail="nobody had to wait for it long enough to "
+                             "check it (no stun, no barrier; core scheduling waits only behind "
+                             "a task it holds): the survivors' progress is judged")
+        return out
 
     def _judge(self, f: Fault, events: list[dict[str, Any]], counters: list[dict[str, int]],
                fenced: list[int], failures: Sequence[WorkerFailed],
@@ -182,14 +201,18 @@ class Faults:
 
 
 def bad_histograms(hists: Any, counters: list[dict[str, int]], slots: Sequence[int],
-                   failed: set[int]) -> dict[int, str]:
-    """The slots whose barrier_wait histogram is not one of their guest entries (one sample
-    each: asirt.sync.barrier.gate): slot -> why. A worker killed between its entry and the
-    sample may be one short."""
+                   failed: set[int], counter: str = "cpu.guest_entries",
+                   loose: str | None = None) -> dict[int, str]:
+    """The slots whose first metric's histogram is not one sample per ``counter`` (the
+    handshake's walk: barrier_wait, one per guest entry, asirt.sync.barrier.gate; the vCPU
+    loop: exit_handling, one per exit): slot -> why. A worker killed between the count and
+    the sample may be one short; with ``loose``, so may each of its counts (an exit whose
+    handling was given up) and the exit the run's stop cut short."""
     out = {}
     for s in slots:
-        n = counters[s]["cpu.guest_entries"]
-        why = invalid(hists[s, 0], n, slack=1 if s in failed else 0)
+        n = counters[s][counter]
+        slack = (1 if s in failed or loose else 0) + (counters[s][loose] if loose else 0)
+        why = invalid(hists[s, 0], n, slack=slack)
         if why is not None:
             out[s] = why
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from asirt import collect, orchestrator
 from asirt.cpu.transport import TRANSPORTS
 from asirt.errors import BadInput
 from asirt.orchestrator import RunSpec
-from asirt.params import CpuParams, DelayParams, StressParams
+from asirt.params import CpuParams, DelayParams, KvmParams, StressParams
 from asirt.proc import Life, Proc
 from asirt.progress import ProgressLine
 from asirt.results import Entry
@@ -46,7 +46,8 @@ from shm_layout import Region
 from shm_layout.cpu import MAX_DOMAINS, Phase
 from shm_layout.sections import WorkerState
 
-__all__ = ["FAULTS", "STRESS_CI", "STALL_S", "LIMP_RATIO", "run_stress", "Watch", "unearned"]
+__all__ = ["FAULTS", "STRESS_CI", "STALL_S", "LIMP_RATIO", "SHOOTDOWNS", "run_stress",
+           "run_kvm_stress", "Watch", "unearned"]
 
 #: the CI version of the done-criterion (tests/test_stress.py) and the full one (README)
 STRESS_CI = 100_000
@@ -64,12 +65,20 @@ PARENT_GAP_S = 1.0
 #: after a fault, a survivor whose transition rate fell below 1/LIMP_RATIO of its rate before
 #: limps on: it moves, but something holds it back (a wait for the dead victim at every step)
 LIMP_RATIO = 10
+#: ``--strategy``: the probability that an exit (under an ASI strategy) unmaps a page of its
+#: VM's own memory from the VM's restricted tree and maps it again: a TLB shootdown of the
+#: siblings inside the tree while they walk it
+SHOOTDOWNS = 0.02
 _COUNTERS = ("cpu.transitions", "stun.requests", "stun.acks", "stun.parks", "cpu.ipis",
              "stun.aborts", "cpu.timeouts", "cpu.slow", "cpu.fenced", "cpu.host_entries",
              "cpu.guest_entries", "barrier.tries", "barrier.busy", "barrier.dom",
              "barrier.flushes", "stun.flushes", "buffer.flushes", "stun.exposed",
              "barrier.rv_rounds", "check.checks", "check.samples", "check.corrupt",
              "monitor.samples", "monitor.retries")
+_KVM_COUNTERS = ("kvm.cycles", "kvm.exits", "kvm.kicked", "kvm.switches", "kvm.host_tasks",
+                 "kvm.halts", "check.leaks", "check.leak_host", "check.leak_domain",
+                 "asi.faults", "asi.shootdowns_sent", "asi.gadgets", "asi.gadget_hits",
+                 "coresched.forced_idle", "cpu.idle_flushes")
 
 
 def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
@@ -127,26 +136,58 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         return delayed if victim and faults[k] == "delay" else params
 
     pl = plan(core_cpus, "stress", params_of, monitor)
-    injected = Faults(pl, faults, corrupt)
+    proto = PROTOCOL[protocol]
+    unsafe_quiet = (
+        "the unsafe protocol showed no violation and no leak under randomized delays, so "
+        "this run shows nothing about the checkers; run longer (--transitions), and if it "
+        "persists a checker is broken" if delays else
+        "the unsafe protocol showed no violation without injected delays: this run proves "
+        "nothing about the checkers (nothing widened the races that expose it); drop "
+        "--no-delays")
+    return _execute(topo, pl, Faults(pl, faults, corrupt), RunSpec(
+        workers=pl.workers, metrics=["barrier_wait"], duration_s=0.0, cores=pl.cores),
+        protocol, transport, transitions, duration_s, max_s, per_worker, stall_s, progress,
+        seed=seed, monitor=monitor, check=check, strict=proto.waits_for_acks,
+        claims_safety=proto.claims_safety, unsafe_quiet=unsafe_quiet, delays=delays,
+        delay_params=delay_params, extra={"barrier": barrier, "ndomains": ndomains},
+        label=f"stress {protocol} {transport}")
+
+
+def _execute(topo: Topology, pl: Plan, injected: Faults, spec: RunSpec, name: str,
+             transport: str, transitions: int | None, duration_s: float | None,
+             max_s: float | None, per_worker: int, stall_s: float,
+             progress: ProgressLine | None, *, seed: int, monitor: bool, check: bool,
+             strict: bool, claims_safety: bool, unsafe_quiet: str, delays: bool,
+             delay_params: DelayParams | None, extra: dict[str, Any], label: str,
+             hist_check: tuple[str, str | None] = ("cpu.guest_entries", None),
+             setup: Callable[[Region], None] | None = None, idle_slots: Sequence[int] = (),
+             more_counters: Sequence[str] = ()) -> Entry:
+    """Run a stress plan (``spec``: its workers, metrics, cores; the rest filled in here),
+    watch it, inject its faults and judge it: the verdict of the module docstring.
+    ``hist_check``: the counter that counts the samples of metric 0, and one whose every
+    count may leave a sample out. ``idle_slots``: lanes idle by design (no progress
+    expected)."""
     if duration_s is not None:
         run_s = duration_s
     else:
         run_s = max_s if max_s is not None else 120.0 + per_worker / 500.0
     holder: dict[str, Any] = {}
-    watch = Watch(pl, injected, transitions, run_s, stall_s, progress, holder)
+    watch = Watch(pl, injected, transitions, run_s, stall_s, progress, holder, idle_slots)
 
     def keep(region: Region) -> None:
         holder["region"] = region
+        if setup is not None:
+            setup(region)
 
-    spec = RunSpec(workers=pl.workers, metrics=["barrier_wait"], duration_s=run_s,
-                   cores=pl.cores, emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0,
-                   extra_sections=sync_sections(pl), init=sync_init(pl, keep),
-                   collect=watch.collect,
+    spec = replace(spec, duration_s=run_s, emulated=topo.emulated,
+                   l1d_bytes=topo.l1d_bytes or 0,
+                   extra_sections=[*sync_sections(pl), *spec.extra_sections],
+                   init=sync_init(pl, keep), collect=watch.collect,
                    finish_when_done=("stress",) if transitions is not None else (),
-                   keep_going=bool(faults))
+                   keep_going=bool(injected.faults))
     cpus = sorted(set(pl.cpus))          # each CPU once: its lanes are in extra["lanes"]
     if progress is not None:
-        progress.start(f"stress {protocol} {transport} cpus {','.join(map(str, cpus))} "
+        progress.start(f"{label} cpus {','.join(map(str, cpus))} "
                        f"{len(pl.vslots)} workers seed {seed}")
     out = orchestrator.run(spec, watch.update)
     col = out.collected
@@ -156,34 +197,28 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
     events = sorted(watch.log.events, key=lambda e: e["ns"])
     liveness_problems = watch.finish(out, col)
     failed = {f.slot for f in out.failures}
-    corrupt_hists = bad_histograms(out.hists, col["counters"], vslots, failed)
+    corrupt_hists = bad_histograms(out.hists, col["counters"], vslots, failed, *hist_check)
     fault_info = injected.judge(events, col["counters"], col["fenced"], out.failures,
                                 corrupt_hists)
-    counters = {k: t[k] for k in _COUNTERS}
+    counters = {k: t[k] for k in (*_COUNTERS, *more_counters)}
     counters.update(viol)
     counters["violations"] = sum(viol.values())
     counters["liveness_violations"] = len(liveness_problems)
     failures = [str(f) for f in out.failures if not injected.expected(f)]
     expected_failures = [str(f) for f in out.failures if injected.expected(f)]
-    proto = PROTOCOL[protocol]
     problems = [f"liveness: {p['kind']} {p}" for p in liveness_problems]
-    problems += [_fault_problem(f) for f in fault_info if not (f["injected"] and f["detected"])]
-    problems += _unexplained_corruption(injected, events, t, corrupt_hists)
-    problems += unearned(t, monitor=monitor, check=check, strict=proto.waits_for_acks)
-    if not proto.claims_safety and not counters["violations"]:
-        problems.append(
-            "the unsafe protocol showed no violation and no leak under randomized delays, so "
-            "this run shows nothing about the checkers; run longer (--transitions), and if it "
-            "persists a checker is broken" if delays else
-            "the unsafe protocol showed no violation without injected delays: this run proves "
-            "nothing about the checkers (nothing widened the races that expose it); drop "
-            "--no-delays")
+    problems += [_fault_problem(f) for f in fault_info
+                 if not f["injected"] or f["detected"] is False]
+    problems += _unexplained_corruption(injected, events, t, corrupt_hists, spec.metrics[0])
+    problems += unearned(t, monitor=monitor, check=check, strict=strict)
+    if not claims_safety and not counters["violations"]:
+        problems.append(unsafe_quiet)
     good = [s for s in vslots if s not in corrupt_hists]
     extra = {
         "seed": seed, "delays": delays,
         "delay_params": (delay_params or DelayParams()).__dict__ if delays else None,
-        "barrier": barrier, "ndomains": ndomains, "emulated": topo.emulated,
-        "lanes": core_cpus, "workers": len(vslots), "oversubscribed": pl.oversubscribed,
+        **extra, "emulated": topo.emulated,
+        "lanes": pl.core_cpus, "workers": len(vslots), "oversubscribed": pl.oversubscribed,
         # out.elapsed_s: start barrier -> stop request, without spawning and teardown
         "startup_s": round(out.startup_s, 3), "stop_s": round(out.stop_s, 3),
         "region_bytes": out.region_bytes,
@@ -200,15 +235,88 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         "events": [e for e in events if e["kind"] in collect.LIVENESS_KINDS][:MAX_LISTED],
         "events_lost": watch.log.lost,
     }
-    hists = {"barrier_wait": out.merged(0, good)}
-    e = Entry("stress", protocol, transport, cpus, out.elapsed_s, hists=hists, counters=counters,
+    hists = {m: out.merged(i, good) for i, m in enumerate(spec.metrics)}
+    e = Entry("stress", name, transport, cpus, out.elapsed_s, hists=hists, counters=counters,
               violations=violation_events(events), failures=failures,
-              claims_safety=proto.claims_safety, problems=problems, extra=extra)
+              claims_safety=claims_safety, problems=problems, extra=extra)
     if progress is not None:
         ok = not (e.failures or e.problems or e.unsafe)
         progress.done(f"{t['cpu.transitions']:,} transitions, {counters['violations']} "
                       f"violations{'' if ok else '  CHECK FAILED'}")
     return e
+
+
+def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
+                   seed: int = StressParams.seed, delays: bool = True,
+                   faults: Sequence[str] = (), progress: ProgressLine | None = None, *,
+                   transport: str = CpuParams.transport, guest: str = "emulated",
+                   profile: str = "default", gadgets: float = 0.0, vms: int = 2,
+                   lanes_per_core: int | None = None, workers: int | None = None,
+                   corrupt: str | None = None, stall_s: float = STALL_S,
+                   shootdowns: float = SHOOTDOWNS,
+                   delay_params: DelayParams | None = None) -> Entry:
+    """``asirt stress --strategy``: the KVM vCPU loop (asirt.kvm.loop) under one strategy, with
+    injected delays at every protocol step, TLB shootdowns among the exits (ASI strategies),
+    stuns, VM switches and host tasks (cookie changes), and ``faults``; judged by the same
+    verdict as the handshake's walk. ``guest``: emulated or kvm (resolved already). A
+    strategy that claims safety must show no leak and no violation; one that does not
+    (``none``, ``coresched``; ``kcs`` with gadgets) must show some."""
+    from asirt.kvm import profile as profiles
+    from asirt.kvm import strategy as strategies
+    from asirt.kvm import vms as vm_memory
+    from asirt.scenarios.kvm import METRICS, REAL_METRICS
+
+    strat = strategies.get(strategy)
+    bad = [f for f in faults if f not in FAULTS]
+    if bad:
+        raise BadInput(f"--faults {','.join(faults)}", f"unknown fault {bad[0]!r}",
+                       f"choose from {', '.join(FAULTS)} (comma-separated)")
+    faults = tuple(dict.fromkeys(faults))
+    corrupt = corrupt or CORRUPT_WORDS[seed % len(CORRUPT_WORDS)]
+    core_cpus = plan_cores(topo, lanes_per_core, workers, min_cores=max(1, len(faults)))
+    real = guest == "kvm"
+    params = KvmParams(
+        CpuParams(transport=transport, domains=vms, kick=real), strat.name,
+        profiles.to_toml(profiles.load(profile)), seed, gadgets, vms, guest=guest,
+        delays=(delay_params or DelayParams()) if delays else None, shootdowns=shootdowns,
+        audit=True)
+    delayed = replace(params, fault_delay_at=DELAY_AT, fault_delay_s=DELAY_S)
+
+    # fault k's victim: core k's last lane; under SMT off its first (the one that runs)
+    victim_lane = 0 if strat.one_lane else -1
+
+    def params_of(k: int, lane: int) -> KvmParams:
+        victim = k < len(faults) and lane == range(len(core_cpus[k]))[victim_lane]
+        return delayed if victim and faults[k] == "delay" else params
+
+    pl = plan(core_cpus, "vcpu", params_of, monitor=True)
+    idle = [s for core in pl.cores for s in core[1:]] if strat.one_lane else []
+    metrics = METRICS + (REAL_METRICS if real else [])
+    claims = strat.claims_safety(gadgets)
+    # a lane that must find a sibling's fault: one that stuns or passes a barrier; under core
+    # scheduling alone a sibling waits only behind a task the victim holds (it may hold none)
+    waits = bool(strat.barrier or strat.stun_every_exit or strat.stun_sensitive)
+    spec = RunSpec(workers=pl.workers, metrics=metrics, duration_s=0.0, cores=pl.cores,
+                   extra_sections=vm_memory.sections(len(pl.workers), vms))
+    return _execute(
+        topo, pl, Faults(pl, faults, corrupt, victim_lane, waits), spec, strat.name,
+        transport, None, duration_s, None, 0, stall_s, progress, seed=seed, monitor=True,
+        check=True,
+        strict=((strat.stun_every_exit or strat.stun_sensitive)
+                and PROTOCOL[strat.protocol].waits_for_acks),
+        claims_safety=claims,
+        unsafe_quiet=(f"{strat.name} claims no safety{' with gadgets' if gadgets else ''}, yet "
+                      "the guests saw no foreign token and the checkers found no violation: "
+                      "this run shows nothing about the checkers; run longer, and if it "
+                      "persists a checker is broken"),
+        delays=delays, delay_params=delay_params,
+        extra={"strategy_claims": strat.claims, "guest": guest, "profile": profile,
+               "gadgets": gadgets, "vms": vms, "shootdowns": shootdowns if strat.restricted
+               else 0.0},
+        label=f"stress {strat.name} guest {guest}",
+        hist_check=("kvm.exits", "stun.aborts"),
+        setup=lambda region: vm_memory.setup(region, vms),
+        idle_slots=idle, more_counters=_KVM_COUNTERS)
 
 
 def unearned(t: dict[str, int], *, monitor: bool, check: bool, strict: bool) -> list[str]:
@@ -239,11 +347,11 @@ def _fault_problem(f: dict[str, Any]) -> str:
 
 
 def _unexplained_corruption(faults: Faults, events: list[dict[str, Any]], t: dict[str, int],
-                            hists: dict[int, str]) -> list[str]:
+                            hists: dict[int, str], metric: str) -> list[str]:
     """Corrupt words and histograms that no corrupt fault put there."""
     words = {f.victim for f in faults.faults if f.kind == "corrupt" and f.word != "hist"}
     in_hist = {f.victim for f in faults.faults if f.kind == "corrupt" and f.word == "hist"}
-    out = [f"the barrier_wait histogram of slot {s} is corrupt ({why}): left out of the merge"
+    out = [f"the {metric} histogram of slot {s} is corrupt ({why}): left out of the merge"
            for s, why in hists.items() if s not in in_hist]
     stray = [e for e in events if e["kind"] == "CORRUPT" and e["other_slot"] not in words]
     if stray or (t["check.corrupt"] and not words):
@@ -260,12 +368,14 @@ class Watch:
     the events as they come (collect.EventLog), stalls; then the liveness verdict."""
 
     def __init__(self, plan: Plan, faults: Faults, transitions: int | None, run_s: float,
-                 stall_s: float, progress: ProgressLine | None, holder: dict[str, Any]) -> None:
+                 stall_s: float, progress: ProgressLine | None, holder: dict[str, Any],
+                 idle_slots: Sequence[int] = ()) -> None:
         self.holder = holder            # {"region": the run's region}, set by its init hook
         self.plan, self.faults = plan, faults
         self.transitions, self.run_s, self.stall_s = transitions, run_s, stall_s
         self.progress = progress
         self.vslots = plan.vslots
+        self.idle = set(idle_slots)     # idle by design (a lane SMT-off keeps idle)
         self.cpus = [ws.cpu for ws in plan.workers]
         self.log = collect.EventLog()
         self.injected_at: float | None = None    # time.monotonic() of the injection
@@ -315,7 +425,7 @@ class Watch:
         progress = slots["progress"].tolist()
         mseq = region.array("cpu_state")["mseq"].tolist() if region is not None else None
         for s in self.vslots:
-            if s in self.faults.victims:
+            if s in self.faults.victims or s in self.idle:
                 continue
             seen = (progress[s], mseq[s] if mseq is not None else 0)
             prev = self.last.get(s)
@@ -348,7 +458,8 @@ class Watch:
             {"kind": "STALL", "slot": s, "cpu": cpu_of[s], "stalled_s": round(v, 2)}
             for s, v in sorted(self.stalls.items())]
         failed = {f.slot for f in out.failures}
-        survivors = [s for s in self.vslots if s not in self.faults.victims and s not in failed]
+        survivors = [s for s in self.vslots if s not in self.faults.victims
+                     and s not in failed and s not in self.idle]
         done = {s: col["counters"][s]["cpu.transitions"] for s in self.vslots}
         share = math.ceil(self.transitions / len(self.vslots)) if self.transitions else 0
         if self.injected_at is not None and self.started is not None and self.prev is not None:
