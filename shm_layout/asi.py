@@ -8,7 +8,8 @@ which a signed view could not store. Word indices come from the dtypes (:func:`w
 
 Writers, field by field (DESIGN.md: one writer per field, or a lock):
 - ``asi_ctl``, ``asi_frames``, ``asi_ptmeta``, ``asi_tables``, ``asi_inst``: whoever holds the
-  region's ``ptlock`` semaphore (the parent during init; any CPU's map/unmap later). Walkers
+  region's page-table lock (a ByteLock on PTLOCK_BYTE: the parent during init; any CPU's
+  map/unmap later). Walkers
   read tables lock-free and validate with the ``seq`` seqcount.
 - ``asi_cpu[c]``: CPU ``c`` only (its pinned worker).
 """
@@ -31,7 +32,7 @@ U8 = "<u8"
 ASI_CTL_DTYPE = register("asi_ctl", np.dtype([
     ("seq", U8),                  # page-table seqcount: odd while a map/unmap is in progress
     ("_pad0", U8, (15,)),
-    ("lock_pid", U8),             # pid holding ptlock (0: free), to name it on a timeout
+    ("lock_pid", U8),             # pid holding the page-table lock (0: free), to name it
     ("template", U8),             # root table of the template tree (shared global tables)
     ("ncores", U8),
     ("shootdowns_sent", U8),      # flush requests a sender waited for (a CPU was inside)

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import time
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -252,6 +253,45 @@ class Region:
         self.close()
         if self.owner:
             self.unlink()
+
+
+#: the bytes of a region's segment file that its locks take (ByteLock): core k's lock takes
+#: byte k (asirt.sync.corelock), the page-table lock this one (asirt.mm.pagetable)
+PTLOCK_BYTE = 1 << 40
+_FLOCK = "hhqqi4x"          # struct flock on Linux x86-64 / arm64: type, whence, start, len, pid
+
+
+class ByteLock:
+    """An exclusive lock on one byte of a region's segment file: an *open file description*
+    lock (``fcntl(F_OFD_SETLK)``, Linux >= 3.15), which the kernel drops when the descriptor
+    is closed -- process death included, so no SIGKILL can leave it held. It belongs to the
+    descriptor, not the process: two ByteLocks in one process exclude each other as two
+    processes do. It does not interact with the ``flock`` the region's creator holds on the
+    same file. Non-blocking: callers poll :meth:`try_acquire` (answering what they must
+    meanwhile)."""
+
+    def __init__(self, region: Region, byte: int) -> None:
+        path = os.path.join(DEV_SHM, region.name.lstrip("/"))
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._take = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        self._drop = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0)
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._take)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._drop)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)          # drops the lock if held
+            self.fd = -1
 
 
 def sem_wait(sem: posix_ipc.Semaphore, timeout_s: float | None) -> None:

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-import posix_ipc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +18,7 @@ from asirt.mm.pagetable import (NX, PRESENT, AlreadyMapped, CorruptEntry, LockTi
                                 PageTables, check_va, index, make_pte, pte_frame)
 from shm_layout.asi import GLOBAL_OWNER
 from shm_layout.header import STOP_WORD
+from shm_layout.region import PTLOCK_BYTE, ByteLock
 from tests.fixtures import cpu_region
 
 VA = 0xFFFF_8880_0012_3000
@@ -116,18 +116,21 @@ def test_free_tree_frees_only_own_tables(pt):
         assert pt.free_tables() == free + 4 and pt.meta["state"][shared] == 1
 
 
-def test_lock_is_exclusive_and_released_on_error(pt):
+def test_lock_is_exclusive_and_released_on_error(pt, aregion):
     with pytest.raises(RuntimeError):
         with pt:
             pt._begin()
             raise RuntimeError
     assert pt.q[pt.seq] % 2 == 0 and pt.q[pt.lock_pid] == 0
-    with pt:
-        assert pt.q[pt.lock_pid] == os.getpid()
-        with pytest.raises(posix_ipc.BusyError):
-            pt.sem.acquire(0)
-    pt.sem.acquire(0)
-    pt.sem.release()
+    other = ByteLock(aregion, PTLOCK_BYTE)
+    try:
+        with pt:
+            assert pt.q[pt.lock_pid] == os.getpid()
+            assert not other.try_acquire()
+        assert other.try_acquire()
+        other.release()
+    finally:
+        other.close()
 
 
 def test_a_stuck_lock_holder_is_named_not_waited_for(aregion, monkeypatch):
@@ -147,18 +150,28 @@ def test_a_stuck_lock_holder_is_named_not_waited_for(aregion, monkeypatch):
         waiter.close()
 
 
-def test_walk_waits_out_a_writer(pt):
-    """A walk that starts while the seqcount is odd retries until the writer finishes."""
+def test_walk_waits_out_a_writer(pt, aregion):
+    """A walk that starts while the seqcount is odd retries until the writer, who holds the
+    lock, finishes: it never takes the change for a dead writer's."""
     root = _root(pt)
     with pt:
         pt.set_pte(root, VA, make_pte(9), 1)
+    writer = ByteLock(aregion, PTLOCK_BYTE)
+    assert writer.try_acquire()
     pt.q[pt.seq] += 1                       # a writer is mid-change
-    timer = threading.Timer(0.05, lambda: pt.q.__setitem__(pt.seq, pt.q[pt.seq] + 1))
+
+    def finish() -> None:
+        pt.q[pt.seq] += 1
+        writer.release()
+    timer = threading.Timer(0.05, finish)
     timer.start()
     try:
+        t0 = time.monotonic()
         assert pte_frame(pt.walk(root, VA)) == 9
+        assert time.monotonic() - t0 >= 0.04
     finally:
         timer.join()
+        writer.close()
     assert pt.q[pt.seq] % 2 == 0
 
 
@@ -329,3 +342,54 @@ def test_a_walk_retries_when_its_table_is_freed_and_reused_mid_walk(aregion):
     finally:
         writer.close()
         walker.close()
+
+
+_DIES_IN_A_CHANGE = r"""
+import sys, time
+from shm_layout import Region
+from asirt.mm.pagetable import PageTables
+r = Region.attach(sys.argv[1])
+pt = PageTables(r)
+pt.__enter__()
+pt._begin()                                   # mid-change: the seqcount is odd
+r.words[r.word_index("slots", 1, "progress")] = 1
+time.sleep(60)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_writer_killed_in_a_change_holds_neither_the_lock_nor_the_walks():
+    """A CPU killed while it maps or unmaps (stress --faults kill, or a sibling's STONITH of a
+    stopped one) held a semaphore for good: every later map waited out LOCK_TIMEOUT_S and
+    failed, every walk spun on the odd seqcount. The kernel drops the lock with its holder now,
+    and the odd seqcount is closed by the next holder or by a walk that finds the lock free."""
+    with cpu_region(asi=True) as region:
+        pt = PageTables(region)
+        proc = None
+        try:
+            root = _root(pt)
+            with pt:
+                pt.set_pte(root, VA, make_pte(9), 1)
+            proc = subprocess.Popen([sys.executable, "-c", _DIES_IN_A_CHANGE, region.name],
+                                    cwd=ROOT, stdin=subprocess.DEVNULL)
+            ready = region.word_index("slots", 1, "progress")
+            end = time.monotonic() + 30
+            while not region.words[ready]:
+                assert proc.poll() is None and time.monotonic() < end, "the writer did not start"
+                time.sleep(0.001)
+            assert pt.q[pt.seq] & 1 and not pt.lock.try_acquire()
+            proc.kill()
+            proc.wait()
+            t0 = time.monotonic()
+            assert pte_frame(pt.walk(root, VA)) == 9          # the walk closed the seqcount
+            assert pt.q[pt.seq] % 2 == 0 and time.monotonic() - t0 < 1.0
+            pt.q[pt.seq] += 1                                 # as if it died in a change again
+            with pt:                                          # at once: no LOCK_TIMEOUT_S
+                assert pt.q[pt.seq] % 2 == 0                  # the next holder closed it
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            pt.close()

@@ -4,6 +4,7 @@ sends a shootdown waits with its CPU's waiter, answering at its own safe point m
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -187,6 +188,34 @@ def test_a_cpu_senders_wait_times_out_through_its_waiter(kernel, aregion, monkey
         assert c0.cpu.w[c0.cpu.i_phase] == Phase.MAIN
         c1.cpu.safepoint()
         assert c1.translate(mine) == 0
+
+
+def test_a_stopped_sibling_inside_is_fenced_not_waited_out():
+    """A sibling inside the tree whose process is stopped never answers: the sender checks its
+    liveness as the handshake does (found stopped twice: killed, fenced off) instead of
+    waiting SHOOTDOWN_TIMEOUT_S and failing (asirt stress --strategy asi --faults stop)."""
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        with cpu_region(2, asi=True, pids=[os.getpid(), stopped.pid]) as region:
+            kernel = AddressSpaces(region)
+            try:
+                vm = kernel.asi_init(1, KVM)
+                mine = kernel.alloc_page(MemClass.LOCAL, 1)
+                with asi_handles(region, 0, 1) as (c0, c1):
+                    c1.asi_enter(vm)
+                    assert c1.translate(mine)
+                    t0 = time.monotonic()
+                    c0.unmap_restricted(vm, mine)     # c1 never answers: its pid is stopped
+                    assert time.monotonic() - t0 < tlb_mod.SHOOTDOWN_TIMEOUT_S / 2
+                    assert c0.cpu.fenced_mask >> 1 & 1
+                    assert stopped.wait(5) == -signal.SIGKILL
+            finally:
+                kernel.close()
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+            stopped.wait()
 
 
 def test_a_shootdown_wait_answers_at_the_senders_safe_point(kernel, aregion):

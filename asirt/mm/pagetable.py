@@ -6,10 +6,17 @@ frame of ``asi_frames``. Every table belongs to one owner (an ASI instance, or t
 tree of shared global tables); a change through a tree may only touch tables of that tree's
 owner, so a restricted tree can never write to the tables it shares.
 
-Writers hold the region's ``ptlock`` semaphore and bracket each change with the ``seq``
-seqcount (odd while changing). Walks take no lock: they read ``seq``, walk, and retry if it
-moved; on x86 (TSO) loads are not reordered with loads, nor stores with stores, so this needs
-no fence. A walk checks every frame number against its pool before using it, so a corrupt
+Writers hold the region's page-table lock and bracket each change with the ``seq`` seqcount
+(odd while changing). Walks take no lock: they read ``seq``, walk, and retry if it moved; on
+x86 (TSO) loads are not reordered with loads, nor stores with stores, so this needs no fence.
+
+The lock is a :class:`shm_layout.region.ByteLock` (byte ``PTLOCK_BYTE`` of the segment file),
+which the kernel drops when its holder dies: a CPU killed in a map or unmap (``asirt stress
+--faults kill``, or a sibling's STONITH of a stopped one) cannot hold it for good, as a
+semaphore did. If it died in a change, the seqcount stays odd: the next holder closes it, and
+so does a walk that finds it odd for ``SEQ_RECOVER_S`` with the lock free. The tables are then
+as the dead writer left them, each entry whole (a change is single-word stores, and a walk
+validates every frame number). A walk checks every frame number against its pool before using it, so a corrupt
 entry raises :class:`CorruptEntry` instead of reading outside the pool.
 """
 from __future__ import annotations
@@ -19,12 +26,11 @@ import time
 from typing import Callable
 
 import numpy as np
-import posix_ipc
 
 from asirt.errors import AsirtError, BadInput
 from asirt.mm.memclass import DoubleFree, PoolExhausted
 from shm_layout.asi import GLOBAL_OWNER, PAGE_SIZE, PT_ENTRIES, PTMETA_DTYPE, u64_view, word
-from shm_layout.region import Region, sem_wait
+from shm_layout.region import PTLOCK_BYTE, ByteLock, Region
 
 PRESENT = 1 << 0
 WRITABLE = 1 << 1
@@ -42,6 +48,7 @@ _NVALID = PTMETA_DTYPE.fields["nvalid"][1] // 8
 
 LOCK_TIMEOUT_S = 10.0     # a holder this slow is dead or stopped: say who it is
 SEQ_TIMEOUT_S = 10.0
+SEQ_RECOVER_S = 0.01      # an odd seqcount this old with the lock free: its writer died
 
 
 def make_pte(pfn: int, flags: int = PRESENT | WRITABLE | NX) -> int:
@@ -124,7 +131,7 @@ class PageTables:
 
     def __init__(self, region: Region, service: Callable[[], None] | None = None) -> None:
         self.q = u64_view(region)
-        self.sem = region.semaphore("ptlock", 1)    # the owner creates it free; others open it
+        self.lock = ByteLock(region, PTLOCK_BYTE)
         self.service = service
         sec = region.section("asi_tables")
         self.tbase, self.ntables = sec.offset // 8, sec.count
@@ -137,15 +144,17 @@ class PageTables:
 
     def close(self) -> None:
         del self.meta, self.tables
+        self.lock.close()
         self.q.release()
 
     # -- the lock and the seqcount ------------------------------------------------------
     def __enter__(self) -> "PageTables":
-        try:
-            self.sem.acquire(0)
-        except posix_ipc.BusyError:
+        if not self.lock.try_acquire():
             self._acquire_slow()
-        self.q[self.lock_pid] = os.getpid()
+        q = self.q
+        q[self.lock_pid] = os.getpid()
+        if q[self.seq] & 1:          # the last holder died in a change (module docstring)
+            q[self.seq] += 1
         return self
 
     def _acquire_slow(self) -> None:
@@ -153,19 +162,20 @@ class PageTables:
         while True:
             if self.service is not None:
                 self.service()       # answer shootdowns while we wait (the holder may wait on us)
-            try:
-                sem_wait(self.sem, 0.0002 if self.service is not None else 0.01)
+                os.sched_yield()
+            else:
+                time.sleep(0.001)
+            if self.lock.try_acquire():
                 return
-            except posix_ipc.BusyError:
-                if time.monotonic() - start > LOCK_TIMEOUT_S:
-                    raise LockTimeout("page-table lock", self.q[self.lock_pid],
-                                      time.monotonic() - start) from None
+            if time.monotonic() - start > LOCK_TIMEOUT_S:
+                raise LockTimeout("page-table lock", self.q[self.lock_pid],
+                                  time.monotonic() - start)
 
     def __exit__(self, *exc: object) -> None:
         if self.q[self.seq] & 1:     # an exception inside a change: close the seqcount
             self.q[self.seq] += 1
         self.q[self.lock_pid] = 0
-        self.sem.release()
+        self.lock.release()
 
     def _begin(self) -> None:
         self.q[self.seq] += 1
@@ -209,9 +219,16 @@ class PageTables:
     def _seq_wait(self, tries: int) -> None:
         if tries == 65:
             self._seq_start = time.monotonic()
-        elif time.monotonic() - self._seq_start > SEQ_TIMEOUT_S:
-            raise LockTimeout("page-table seqcount", self.q[self.lock_pid],
-                              time.monotonic() - self._seq_start)
+        else:
+            waited = time.monotonic() - self._seq_start
+            if waited > SEQ_RECOVER_S and self.q[self.seq] & 1 and self.lock.try_acquire():
+                try:                 # odd, and nobody holds the lock: its writer died
+                    if self.q[self.seq] & 1:
+                        self.q[self.seq] += 1
+                finally:
+                    self.lock.release()
+            elif waited > SEQ_TIMEOUT_S:
+                raise LockTimeout("page-table seqcount", self.q[self.lock_pid], waited)
         os.sched_yield()
 
     # -- under the lock -----------------------------------------------------------------

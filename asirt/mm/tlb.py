@@ -240,7 +240,11 @@ class Shootdowns:
                     os.sched_yield()
                 return
             cpu = self.cpu
-            wait = cpu.waiter.begin(-1, Phase.SHOOTDOWN, deadline)
+            # a sibling is waited for as the handshake waits for it: past the ack timeout its
+            # liveness is checked, and a dead or stopped one is fenced off (a fenced lane holds
+            # no TLB anyone must wait for); a CPU of another core is skipped once dead
+            lane = cpu.slot_of.index(c) if c in cpu.slot_of else -1
+            wait = cpu.waiter.begin(lane, Phase.SHOOTDOWN, deadline)
             timeouts = cpu.c("cpu.timeouts")
             seen = cpu.w[timeouts]
             n, limit, sp = 0, cpu.waiter.limit, cpu.safepoint
@@ -251,7 +255,7 @@ class Shootdowns:
                     if n < limit:
                         continue
                     r = wait.slow()
-                    if r == Outcome.STOP:
+                    if r in (Outcome.STOP, Outcome.FENCED):
                         return
                     if r == Outcome.DEADLINE:
                         raise ShootdownTimeout(c, pcid, SHOOTDOWN_TIMEOUT_S, pid, not proc.dead())

@@ -1,14 +1,11 @@
 """Each core's lock: guards its shared record (``core_sync``: the rendezvous round, the core
 scheduling state), released by the kernel when its holder dies.
 
-The lock on core ``k`` is an *open file description* lock (``fcntl(F_OFD_SETLK)``, Linux >=
-3.15) on byte ``k`` of the region's segment file under /dev/shm. The kernel drops it when the
-holder's descriptor is closed, which process death does: no SIGKILL window can leave it held
-(a semaphore-based lock with the holder's pid beside it had two: a holder killed between
-taking the semaphore and publishing its pid, and a waiter killed while breaking a dead
-holder's lock). Unlike a POSIX record lock it belongs to the descriptor, not the process, so
-two handles in one process exclude each other as two processes do (the in-process tests), and
-it does not interact with the ``flock`` the region's creator holds on the same file.
+The lock on core ``k`` is a :class:`shm_layout.region.ByteLock` on byte ``k`` of the region's
+segment file under /dev/shm: an open file description lock, which the kernel drops when its
+holder dies, so no SIGKILL window can leave it held (a semaphore-based lock with the holder's
+pid beside it had two: a holder killed between taking the semaphore and publishing its pid,
+and a waiter killed while breaking a dead holder's lock).
 
 A waiter polls the lock without blocking in the kernel, answering at its CPU's safe point
 between tries (the lock is taken only in ASI or IDLE, so acking a stun request there is the R2
@@ -20,25 +17,16 @@ One lock object per CPU: every user on that CPU (rendezvous, core scheduling) sh
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import struct
 
 from asirt.clock import now
 from asirt.cpu import Cpu
 from asirt.cpu.wait import Outcome
 from asirt.proc import Life, Proc
 from shm_layout.cpu import Phase
-from shm_layout.region import DEV_SHM
+from shm_layout.region import ByteLock
 
 __all__ = ["CoreLock"]
-
-_FLOCK = "hhqqi4x"          # struct flock on Linux x86-64 / arm64: type, whence, start, len, pid
-
-
-def _lockreq(kind: int, core: int) -> bytes:
-    return struct.pack(_FLOCK, kind, os.SEEK_SET, core, 1, 0)
 
 
 class CoreLock:
@@ -48,27 +36,18 @@ class CoreLock:
         self.cpu = cpu
         self.core = cpu.core if core is None else core
         region = cpu.region
-        path = os.path.join(DEV_SHM, region.name.lstrip("/"))
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self.lock = ByteLock(region, self.core)
         self.i_pid = region.word_index("core_sync", self.core, "lock_pid")
         self.i_seq = region.word_index("core_sync", self.core, "lock_seq")
         self.pid = os.getpid()
-        self._take = _lockreq(fcntl.F_WRLCK, self.core)
-        self._drop = _lockreq(fcntl.F_UNLCK, self.core)
         self.held = False
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)          # drops the lock if held
-            self.fd = -1
+        self.lock.close()              # drops the lock if held
 
     def try_acquire(self) -> bool:
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._take)
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
+        if not self.lock.try_acquire():
+            return False
         w = self.cpu.w
         w[self.i_pid] = self.pid
         w[self.i_seq] += 1
@@ -121,7 +100,7 @@ class CoreLock:
     def release(self) -> None:
         self.cpu.w[self.i_pid] = 0
         self.held = False
-        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, self._drop)
+        self.lock.release()
 
     def __enter__(self) -> "CoreLock":
         return self
