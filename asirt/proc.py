@@ -27,7 +27,7 @@ import select
 import signal
 import time
 
-__all__ = ["Life", "Proc", "stat_state", "pid_alive", "tgkill"]
+__all__ = ["Life", "Proc", "stat_state", "pid_alive", "tgkill", "kill_if_stopped_again"]
 
 # tgkill(2) has a glibc wrapper since 2.30; Python 3.11's os module has none.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -181,3 +181,24 @@ class Proc:
                 return True
             time.sleep(0.001)
         return False
+
+
+def kill_if_stopped_again(pid: int, seen_stopped: int, stonith: bool = True) -> int:
+    """A lock holder ``pid`` that a waiter checks once per timeout: killed (and waited for, up
+    to a second) when it is stopped now and was stopped at the last check too
+    (``seen_stopped == pid``) -- the handshake's stop-the-holder policy; a lock the kernel
+    drops with its holder then falls free. Returns the pid seen stopped this time (0:
+    none), to pass in at the next check."""
+    if pid <= 0 or pid == os.getpid():
+        return 0
+    proc = Proc(pid)
+    try:
+        if proc.life() is not Life.STOPPED:
+            return 0
+        if seen_stopped == pid and stonith:
+            proc.kill()
+            proc.wait_dead(1.0)
+            return 0
+        return pid
+    finally:
+        proc.close()

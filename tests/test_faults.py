@@ -28,10 +28,11 @@ def _counters(n: int, **per_slot: dict[str, int]) -> list[dict[str, int]]:
     return out
 
 
-def _judge(faults: Faults, events=(), counters=None, fenced=None, failures=(), hists=None):
+def _judge(faults: Faults, events=(), counters=None, fenced=None, failures=(), hists=None,
+           core_sched=()):
     n = len(faults.plan.workers)
     return faults.judge(list(events), counters or _counters(n), fenced or [0] * n,
-                        list(failures), hists or {})
+                        list(failures), hists or {}, core_sched)
 
 
 def _event(kind: str, slot: int, other: int, ns: int = 2_000_000) -> dict:
@@ -129,3 +130,25 @@ def test_where_nobody_waits_an_undetected_fault_is_survived_not_missed():
 def test_under_smt_off_the_victim_is_the_lane_that_runs():
     f = _faults("kill", "delay", victim_lane=0)
     assert [x.victim for x in f.faults] == [0, 2]
+
+
+def test_where_nobody_waits_a_victim_still_holding_a_task_is_a_missed_detection():
+    """Under coresched a dead victim's task blocks every other cookie on its core until a
+    sibling fences it: one that still runs a task (or claims the core) at the end, unfenced,
+    was missed -- not "nobody waits" (the review found a kill passing with the fence of
+    asirt.sync.coresched switched off)."""
+    f = _faults("kill", "stop", waits_on_siblings=False)   # victims: slots 1 and 3, lane 1
+    for x in f.faults:
+        x.injected_ns = 1_000_000
+    r = _judge(f, core_sched=[(0b10, 0, 0), (0b00, 2, 1)])
+    assert [x["detected"] for x in r] == [False, False]
+    assert "ran a task" in r[0]["detail"] and "claimed the core" in r[1]["detail"]
+    r = _judge(f, core_sched=[(0b01, 0, 0), (0b00, 0, 1)])  # only its sibling runs a task
+    assert [x["detected"] for x in r] == [None, None]
+
+
+def test_where_nobody_waits_a_fenced_delay_victim_stays_misjudged():
+    f = _faults("delay", waits_on_siblings=False)
+    counters = _counters(3, s1={"fault.delays": 1})
+    (r,) = _judge(f, counters=counters, fenced=[0b10, 0, 0])    # alive, yet fenced
+    assert r["detected"] is False and r["fenced_by_slots"] == [0]

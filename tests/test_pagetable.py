@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -388,6 +389,48 @@ def test_a_writer_killed_in_a_change_holds_neither_the_lock_nor_the_walks():
             with pt:                                          # at once: no LOCK_TIMEOUT_S
                 assert pt.q[pt.seq] % 2 == 0                  # the next holder closed it
             assert time.monotonic() - t0 < 1.0
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            pt.close()
+
+
+_HOLDS_THE_LOCK = r"""
+import sys, time
+from shm_layout import Region
+from asirt.mm.pagetable import PageTables
+r = Region.attach(sys.argv[1])
+pt = PageTables(r)
+pt.__enter__()
+r.words[r.word_index("slots", 1, "progress")] = 1
+time.sleep(60)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_stopped_lock_holder_is_killed_and_its_lock_falls_free():
+    """A CPU stopped inside a map or unmap: the waiters kill it at their second look (the
+    handshake's stop-the-holder policy), and the kernel drops its lock, instead of everyone
+    waiting LOCK_TIMEOUT_S and failing."""
+    with cpu_region(asi=True) as region:
+        pt = PageTables(region)
+        proc = None
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _HOLDS_THE_LOCK, region.name],
+                                    cwd=ROOT, stdin=subprocess.DEVNULL)
+            ready = region.word_index("slots", 1, "progress")
+            end = time.monotonic() + 30
+            while not region.words[ready]:
+                assert proc.poll() is None and time.monotonic() < end, "the holder did not start"
+                time.sleep(0.001)
+            os.kill(proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pt:
+                assert pt.q[pt.lock_pid] == os.getpid()
+            assert time.monotonic() - t0 < 2.0
+            assert proc.wait(5) == -signal.SIGKILL
         finally:
             if proc is not None and proc.poll() is None:
                 proc.kill()

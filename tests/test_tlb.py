@@ -218,6 +218,28 @@ def test_a_stopped_sibling_inside_is_fenced_not_waited_out():
             stopped.wait()
 
 
+def test_a_dead_cpu_still_online_in_its_record_is_not_waited_for():
+    """A CPU that died inside a tree stays online there (only it writes its record): a later
+    shootdown finds it dead at its first slow tick, before any ack timeout (each shootdown
+    into that VM used to wait one out: stress --strategy asi with a stop fault limped)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with cpu_region(2, ncores=2, asi=True) as region:
+        kernel = AddressSpaces(region)
+        try:
+            vm = kernel.asi_init(1, KVM)
+            mine = kernel.alloc_page(MemClass.LOCAL, 1)
+            with asi_handles(region, 0, 2) as (c0, c2):     # slot 2: another core's CPU
+                c2.asi_enter(vm)
+                assert c2.translate(mine)
+                c2.q[c2.shootdowns.cbase + 2 * tlb_mod.CPU_WORDS + tlb_mod.PID] = dead.pid
+                c0.unmap_restricted(vm, mine)
+                assert counter(c0.cpu, "cpu.timeouts") == 0
+                assert _count(c0, "shootdowns_sent") == 1
+        finally:
+            kernel.close()
+
+
 def test_a_shootdown_wait_answers_at_the_senders_safe_point(kernel, aregion):
     """The only thing that makes c1 answer here is another mechanism's answerer on c0's safe
     point: the wait completes because it calls that safe point on every poll."""

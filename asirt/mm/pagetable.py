@@ -29,6 +29,7 @@ import numpy as np
 
 from asirt.errors import AsirtError, BadInput
 from asirt.mm.memclass import DoubleFree, PoolExhausted
+from asirt.proc import kill_if_stopped_again
 from shm_layout.asi import GLOBAL_OWNER, PAGE_SIZE, PT_ENTRIES, PTMETA_DTYPE, u64_view, word
 from shm_layout.region import PTLOCK_BYTE, ByteLock, Region
 
@@ -49,6 +50,7 @@ _NVALID = PTMETA_DTYPE.fields["nvalid"][1] // 8
 LOCK_TIMEOUT_S = 10.0     # a holder this slow is dead or stopped: say who it is
 SEQ_TIMEOUT_S = 10.0
 SEQ_RECOVER_S = 0.01      # an odd seqcount this old with the lock free: its writer died
+HOLDER_CHECK_S = 0.05     # how often a waiter looks at the lock's holder (stopped? killed)
 
 
 def make_pte(pfn: int, flags: int = PRESENT | WRITABLE | NX) -> int:
@@ -158,7 +160,10 @@ class PageTables:
         return self
 
     def _acquire_slow(self) -> None:
+        """Poll the lock (answering shootdowns meanwhile); every HOLDER_CHECK_S look at its
+        holder: one stopped at two looks is killed, and its lock falls free with it."""
         start = time.monotonic()
+        check_at, stopped = start + HOLDER_CHECK_S, 0
         while True:
             if self.service is not None:
                 self.service()       # answer shootdowns while we wait (the holder may wait on us)
@@ -167,7 +172,11 @@ class PageTables:
                 time.sleep(0.001)
             if self.lock.try_acquire():
                 return
-            if time.monotonic() - start > LOCK_TIMEOUT_S:
+            t = time.monotonic()
+            if t >= check_at:
+                check_at = t + HOLDER_CHECK_S
+                stopped = kill_if_stopped_again(self.q[self.lock_pid], stopped)
+            if t - start > LOCK_TIMEOUT_S:
                 raise LockTimeout("page-table lock", self.q[self.lock_pid],
                                   time.monotonic() - start)
 

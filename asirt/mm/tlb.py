@@ -242,8 +242,13 @@ class Shootdowns:
             cpu = self.cpu
             # a sibling is waited for as the handshake waits for it: past the ack timeout its
             # liveness is checked, and a dead or stopped one is fenced off (a fenced lane holds
-            # no TLB anyone must wait for); a CPU of another core is skipped once dead
+            # no TLB anyone must wait for); a CPU of another core is skipped once dead. A dead
+            # CPU stays online in its record (only it writes it): at the first slow tick, not
+            # only at the ack timeout, it is found dead, or every later shootdown into its
+            # tree would wait out an ack timeout for it
             lane = cpu.slot_of.index(c) if c in cpu.slot_of else -1
+            if lane >= 0 and cpu.fenced_mask >> lane & 1:
+                return
             wait = cpu.waiter.begin(lane, Phase.SHOOTDOWN, deadline)
             timeouts = cpu.c("cpu.timeouts")
             seen = cpu.w[timeouts]
@@ -254,6 +259,8 @@ class Shootdowns:
                     n += 1
                     if n < limit:
                         continue
+                    if n == limit and proc.dead():
+                        return
                     r = wait.slow()
                     if r in (Outcome.STOP, Outcome.FENCED):
                         return

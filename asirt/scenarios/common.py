@@ -119,7 +119,12 @@ def collect_run(region: Region) -> dict[str, Any]:
         "fenced": [int(x) for x in region.array("cpu_state")["fenced"]],
     }
     if region.has_section("core_sync"):
-        out["rv_rounds"] = [int(x) for x in region.array("core_sync")["rv_rounds"]]
+        cs = region.array("core_sync")
+        out["rv_rounds"] = [int(x) for x in cs["rv_rounds"]]
+        # per core, what core scheduling holds at the end: the lanes running a task, the
+        # claim (cookie + 1, 0: none) and its lane (asirt.sync.coresched)
+        out["core_sched"] = [(int(r["cs_running"]), int(r["cs_want"]), int(r["cs_want_lane"]))
+                             for r in cs]
     return out
 
 

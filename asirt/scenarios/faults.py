@@ -26,9 +26,11 @@ and the lane out (corrupt). A victim's death is expected only for the fault that
 Where no lane has to wait for a sibling (``asirt stress --strategy`` none, smt-off,
 coresched: nobody stuns, no barrier; core scheduling waits only behind a task the victim
 holds, and fences it then) a kill, stop or delay may stall nobody and have nothing to be
-detected by. Undetected, its ``detected`` is None ("nobody waits"), and the survivors'
-progress is what is judged; a stopped victim then stays stopped until the run's end, which
-kills it.
+detected by. Undetected and unfenced, its ``detected`` is None ("nobody waits") and the
+survivors' progress is what is judged -- unless a dead or stopped victim still holds a task
+or a claim in its core's scheduling record at the end: then it blocked every other cookie
+and nobody found it, and it stays a failed detection. A stopped victim nobody had to wait
+for stays stopped until the run's end, which kills it.
 """
 from __future__ import annotations
 
@@ -148,17 +150,37 @@ class Faults:
 
     def judge(self, events: list[dict[str, Any]], counters: list[dict[str, int]],
               fenced: list[int], failures: Sequence[WorkerFailed],
-              corrupt_hists: dict[int, str]) -> list[dict[str, Any]]:
-        """One report per fault: injected, detected, how, and how soon (module docstring)."""
+              corrupt_hists: dict[int, str],
+              core_sched: Sequence[tuple[int, int, int]] = ()) -> list[dict[str, Any]]:
+        """One report per fault: injected, detected, how, and how soon (module docstring).
+        ``core_sched``: per core, (running lanes, claim, claim's lane) at the run's end."""
         out = [self._judge(f, events, counters, fenced, failures, corrupt_hists)
                for f in self.faults]
-        if not self.waits:
-            for r in out:
-                if r["fault"] in ("kill", "stop", "delay") and r["injected"] and not r["detected"]:
-                    r.update(detected=None, detail="nobody had to wait for it long enough to "
-                             "check it (no stun, no barrier; core scheduling waits only behind "
-                             "a task it holds): the survivors' progress is judged")
+        if self.waits:
+            return out
+        for f, r in zip(self.faults, out):
+            if (f.kind not in ("kill", "stop", "delay") or not r["injected"] or r["detected"]
+                    or r.get("fenced_by_slots") or r.get("detected_as")):
+                continue              # detected, or misjudged: a verdict stands as it is
+            held = self._holds(f, core_sched)
+            if held and f.kind != "delay":
+                r["detail"] = (f"it still {held} at the end and nobody fenced it: every "
+                               "other cookie starved on its core")
+                continue
+            r.update(detected=None, detail="nobody had to wait for it long enough to check "
+                     "it (no stun, no barrier; core scheduling waits only behind a task it "
+                     "holds, and it held none): the survivors' progress is judged")
         return out
+
+    def _holds(self, f: Fault, core_sched: Sequence[tuple[int, int, int]]) -> str:
+        """What the victim holds in its core's scheduling record ("" if nothing)."""
+        k = self.plan.cores.index(f.core)
+        if k >= len(core_sched):
+            return ""
+        running, want, want_lane = core_sched[k]
+        if running >> f.lane & 1:
+            return "ran a task"
+        return "claimed the core" if want and want_lane == f.lane else ""
 
     def _judge(self, f: Fault, events: list[dict[str, Any]], counters: list[dict[str, int]],
                fenced: list[int], failures: Sequence[WorkerFailed],
@@ -194,7 +216,9 @@ class Faults:
             first = [e for e in mine if e["kind"] == "CORRUPT"]
             left = any(x.slot == f.victim and x.status in _DEATHS["corrupt"] for x in failures)
             out.update(word=f.word, writes=f.writes,
-                       detected=bool(first) and (bool(fenced_by) or left))
+                       detected=bool(first) and (bool(fenced_by) or left),
+                       # the victim's own audit, a sibling's range check, the monitor
+                       reported_by_slots=sorted({e["slot"] for e in first}))
         out["detect_after_ms"] = (round((first[0]["ns"] - f.injected_ns) / 1e6, 1)
                                   if first else None)
         return out

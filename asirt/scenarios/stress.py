@@ -199,7 +199,7 @@ def _execute(topo: Topology, pl: Plan, injected: Faults, spec: RunSpec, name: st
     failed = {f.slot for f in out.failures}
     corrupt_hists = bad_histograms(out.hists, col["counters"], vslots, failed, *hist_check)
     fault_info = injected.judge(events, col["counters"], col["fenced"], out.failures,
-                                corrupt_hists)
+                                corrupt_hists, col.get("core_sched", ()))
     counters = {k: t[k] for k in (*_COUNTERS, *more_counters)}
     counters.update(viol)
     counters["violations"] = sum(viol.values())

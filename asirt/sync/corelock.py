@@ -22,7 +22,7 @@ import os
 from asirt.clock import now
 from asirt.cpu import Cpu
 from asirt.cpu.wait import Outcome
-from asirt.proc import Life, Proc
+from asirt.proc import kill_if_stopped_again
 from shm_layout.cpu import Phase
 from shm_layout.region import ByteLock
 
@@ -79,23 +79,9 @@ class CoreLock:
             wait.done()
 
     def _check_holder(self, seen_stopped: int) -> int:
-        """Past a timeout: kill a holder that stays stopped (its lock falls free with it).
-        Returns the pid seen stopped this time (0: none)."""
-        pid = self.cpu.w[self.i_pid]
-        if pid <= 0 or pid == self.pid:
-            return 0
-        proc = Proc(pid)
-        try:
-            life = proc.life()
-            if life is Life.STOPPED:
-                if seen_stopped == pid and self.cpu.params.stonith:
-                    proc.kill()
-                    proc.wait_dead(1.0)
-                    return 0
-                return pid
-            return 0
-        finally:
-            proc.close()
+        """Past a timeout: kill a holder that stays stopped (its lock falls free with it)."""
+        return kill_if_stopped_again(self.cpu.w[self.i_pid], seen_stopped,
+                                     self.cpu.params.stonith)
 
     def release(self) -> None:
         self.cpu.w[self.i_pid] = 0
