@@ -20,6 +20,11 @@ def entry() -> None:
         signal.signal(s, _interrupted_early)
     from asirt.cli import main, pause_for_tests
     status = main(restore_signals=False)
+    # The status is chosen: a signal from now on must not change it. The interpreter's
+    # finalization puts SIG_DFL back for every signal with a Python handler (a SIGTERM then
+    # made it 143), but leaves an ignored one ignored.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     pause_for_tests("exit")
     sys.exit(status)
 

@@ -170,14 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                     f"or all ({','.join(kvm_strategies.BROKEN)} are broken on purpose); with ASI, "
                     "shootdowns, stuns and cookie changes through the delays and --faults; one "
                     "that claims safety must show no leak, one that does not must show some")
-    st.add_argument("--guest", choices=kvm_scenario.GUESTS, default="auto",
+    st.add_argument("--guest", choices=kvm_scenario.GUESTS,
                     help="with --strategy: real vCPUs through /dev/kvm, or the emulated guest "
                     "(default auto: kvm where a VM can be created)")
-    st.add_argument("--profile", metavar="NAME|FILE", default="default",
-                    help="with --strategy: the exit profile (asirt profile list)")
-    st.add_argument("--gadgets", type=_probability, metavar="P", default=0.0,
-                    help="with --strategy: speculative-gadget probability per exit")
-    st.add_argument("--vms", type=_positive_int, metavar="N", default=KvmParams.vms,
+    st.add_argument("--profile", metavar="NAME|FILE",
+                    help="with --strategy: the exit profile (asirt profile list; default "
+                    "default)")
+    st.add_argument("--gadgets", type=_probability, metavar="P",
+                    help="with --strategy: speculative-gadget probability per exit (default 0)")
+    st.add_argument("--vms", type=_positive_int, metavar="N",
                     help="with --strategy: VMs multiplexed on every lane "
                     f"(default {KvmParams.vms})")
     length = st.add_mutually_exclusive_group()
@@ -285,8 +286,7 @@ def _kvm_options(args: argparse.Namespace) -> scenarios.KvmOptions:
         given["sweep"] = kvm_scenario.parse_sweep(given["sweep"])
     opts = scenarios.KvmOptions(transport=transports[0], **given)
     kvm_scenario.check_options(opts)    # bad knobs and files are refused before anything runs
-    kvm_profiles.load(opts.profile)
-    kvm_scenario.resolve_guest(opts.guest, opts.transport)
+    kvm_profiles.load(opts.profile)     # (the guest, with the run's cores: in run_kvm)
     return opts
 
 
@@ -333,8 +333,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
                    if args.faults else ())
     if args.strategy is not None:
         return _stress_strategies(args, faults)
-    given = [f"--{k}" for k in ("guest", "profile", "gadgets", "vms")
-             if getattr(args, k) != STRESS_KVM_DEFAULTS[k]]
+    given = [f"--{k}" for k in STRESS_KVM_DEFAULTS if getattr(args, k) is not None]
     if given:
         raise BadInput(given[0], "is an option of the vCPU loop's stress",
                        "add --strategy LIST, or leave it out")
@@ -357,14 +356,21 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return _run(args, "stress", topo, config, runs)
 
 
-#: the vCPU loop's stress options at their defaults (given without --strategy: refused)
+#: the vCPU loop's stress options and their defaults (given without --strategy: refused)
 STRESS_KVM_DEFAULTS = {"guest": "auto", "profile": "default", "gadgets": 0.0,
                        "vms": KvmParams.vms}
 
 
 def _stress_strategies(args: argparse.Namespace, faults: tuple[str, ...]) -> int:
     """``asirt stress --strategy LIST``: the vCPU loop under each strategy, stressed."""
-    names = (kvm_strategies.NAMES if args.strategy.strip() == "all" else
+    for k, default in STRESS_KVM_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    listed = [n.strip() for n in args.strategy.split(",") if n.strip()]
+    if "all" in listed and listed != ["all"]:
+        raise BadInput(f"--strategy {args.strategy}", "combines 'all' with other names",
+                       "give all alone, or list the strategies")
+    names = (kvm_strategies.NAMES if listed == ["all"] else
              scenarios.parse_choices(args.strategy, kvm_strategies.ALL_NAMES, "--strategy"))
     for opt, value, fix in (("--protocol", args.protocol, "a strategy has its own protocol"),
                             ("--barrier", args.barrier, "a strategy has its own barrier"),
@@ -374,12 +380,16 @@ def _stress_strategies(args: argparse.Namespace, faults: tuple[str, ...]) -> int
             raise BadInput(f"{opt} with --strategy", "does not apply", fix)
     if args.duration is None:
         args.duration = 10.0
-    kvm_profiles.load(args.profile)            # a bad profile: exit 2 before anything runs
+    profile = kvm_profiles.load(args.profile)  # a bad profile: exit 2 before anything runs
     if not 1 <= args.vms <= 7:
         raise BadInput(f"--vms {args.vms}", "out of range", "choose 1..7 (security domains)")
-    guest, why = kvm_scenario.resolve_guest(args.guest, args.transport)
+    if args.seed < 0:
+        raise BadInput(f"--seed {args.seed}", "is negative", "choose 0 or more")
     topo, lanes = _stress_topology(args)
-    plan_cores(topo, lanes, args.workers, min_cores=max(1, len(faults)))
+    cores = plan_cores(topo, lanes, args.workers, min_cores=max(1, len(faults)))
+    guest, why = kvm_scenario.resolve_guest(args.guest, args.transport,
+                                            lanes_per_core=max(len(c) for c in cores),
+                                            nreasons=len(profile.reasons))
     progress = ProgressLine(len(names), quiet=args.quiet)
     config = {"scenario": "stress", "strategies": list(names), "duration_s": args.duration,
               "faults": list(faults), "workers": args.workers, "seed": args.seed,
@@ -616,6 +626,10 @@ def cmd_report(args: argparse.Namespace) -> int:
              f"{result['host']['hostname']} ({result['host']['cpu_model']})")
         if result["topology"].get("emulated"):
             _out("topology: EMULATED sibling grouping")
+        if result.get("interrupted"):
+            _out("INTERRUPTED: only the entries that completed before the interrupt are here")
+        if result.get("error"):
+            _out(f"ERROR: the run stopped early: {result['error']}")
         _out(results.format_table(result["scenarios"]))
     if args.plot:
         from asirt.plot import plot_run

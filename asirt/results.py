@@ -263,6 +263,12 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             rows.append([*where, f"{what} cpu {f['cpu']}", _fault_seen(f), *[""] * 6])
         for f in s.get("failures", []):
             rows.append([*where, "FAILED", f, *[""] * 6])
+        for p in s.get("problems", []):
+            rows.append([*where, "FAILED", p, *[""] * 6])
+        violations = s.get("counters", {}).get("violations", 0)
+        if s.get("claims_safety") and violations:
+            rows.append([*where, "FAILED", f"{violations} violations under a variant that "
+                         "claims safety", *[""] * 6])
     return _render(head, rows)
 
 
@@ -318,6 +324,7 @@ _NUMBER = (int, float, type(None))
 _METRIC = {"count": int, **{k: _NUMBER for k in ("min", "p50", "p90", "p99", "p999", "max")}}
 _SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
              "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
+             "problems?": [str], "claims_safety?": (bool, type(None)),
              "faults?": [{"fault": str, "cpu": int, "detected?": (bool, type(None)),
                           "injected?": bool, "detect_after_ms?": _NUMBER, "word?": str}],
              "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER}}

@@ -36,6 +36,7 @@ def _stress(tmp_path, *args: str, timeout: float = 200) -> tuple[subprocess.Comp
 
 
 def _table(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's table on stdout; stderr keeps the guest line and the verdict, not progress."""
     argv = [sys.executable, "-m", "asirt", "stress", *args, "--out", str(tmp_path), "--quiet"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=200)
 
@@ -76,6 +77,12 @@ def test_the_strategies_broken_on_purpose_fail_the_run(tmp_path):
     for s in ("always-noflush", "asi-noack"):
         assert f"stress {s} spin" in res.stderr and "under a variant that claims safety" in \
             res.stderr, res.stderr
+    (run,) = os.listdir(tmp_path)
+    report = subprocess.run([sys.executable, "-m", "asirt", "report", str(tmp_path / run)],
+                            capture_output=True, text=True, timeout=60)
+    failed = [ln for ln in report.stdout.splitlines() if " FAILED " in ln]
+    assert report.returncode == 0 and len(failed) == 2, report.stdout   # the verdict shows
+    assert all("violations under a variant that claims safety" in ln for ln in failed)
 
 
 def test_kcs_with_gadgets_claims_nothing_and_leaks(tmp_path):
@@ -112,6 +119,23 @@ def test_smt_off_faults_hit_the_lane_that_runs(tmp_path):
     assert f["injected"] and f["slot"] == 0   # lane 0 of its core: the idle lane never exits
 
 
+def test_kcs_with_gadgets_that_never_fired_says_so(tmp_path):
+    res = _table(tmp_path, "--strategy", "kcs", "--gadgets", "1e-12", "--guest", "emulated",
+                 "--duration", "1")
+    assert res.returncode == 1
+    assert "no speculative gadget fired (--gadgets 1e-12)" in res.stderr, res.stderr
+    assert "a checker is broken" not in res.stderr
+
+
+@pytest.mark.requires_kvm
+def test_auto_falls_back_to_the_emulated_guest_for_cores_it_cannot_copy(tmp_path):
+    res, (e,) = _stress(tmp_path, "--strategy", "none", "--topology", "emulated:4",
+                        "--duration", "1")
+    assert res.returncode == 0, res.stderr
+    assert "guest emulated: --guest auto: KVM works, but a core of 4 lanes" in res.stderr
+    assert e["counters"]["check.leaks"] > 0
+
+
 @pytest.mark.requires_kvm
 def test_real_vcpus_under_stress_and_a_kill(tmp_path):
     res, entries = _stress(tmp_path, "--strategy", "none,asi", "--guest", "kvm", "--faults",
@@ -134,6 +158,10 @@ def test_real_vcpus_under_stress_and_a_kill(tmp_path):
     (["--vms", "3"], "--vms"),
     (["--strategy", "asi", "--vms", "9"], "--vms 9"),
     (["--strategy", "asi", "--profile", "/nonexistent.toml"], "/nonexistent.toml"),
+    (["--profile", "default"], "--profile"),
+    (["--strategy", "all,none"], "combines 'all' with other names"),
+    (["--strategy", "asi", "--seed=-1"], "--seed -1"),
+    (["--strategy", "asi", "--guest", "kvm", "--topology", "emulated:4"], "--guest kvm"),
 ])
 def test_bad_stress_strategy_input_exits_2(tmp_path, args, needle):
     length = [] if "--transitions" in args else ["--duration", "1"]

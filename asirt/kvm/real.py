@@ -50,6 +50,7 @@ from asirt.kvm.profile import Profile
 from asirt.kvm.vm import DEFAULT_PATH, KICK_SIGNAL, PAGE_SIZE, ExitKind, GuestFailed, Vm
 from asirt.sync.stun import Stun
 from shm_layout import Region
+from shm_layout.cpu import LANE_DTYPE
 
 __all__ = ["KvmGuest", "EXIT_KINDS", "REAL_METRICS"]
 
@@ -89,6 +90,21 @@ class _Vcpu:
         self.vm.close()
 
 
+def unfit(lanes_per_core: int, nreasons: int) -> str | None:
+    """Why a real guest cannot run a core of ``lanes_per_core`` lanes under a profile of
+    ``nreasons`` exit reasons (None: it can): its exits encode at most IO_CODES reasons, and
+    it copies its core's buffer into one SAMPLE_MAX page half."""
+    if nreasons > program.IO_CODES:
+        return (f"the profile has {nreasons} exit reasons; a real guest encodes at most "
+                f"{program.IO_CODES} in its exits")
+    need = lanes_per_core * LANE_DTYPE.itemsize
+    if need > program.SAMPLE_MAX:
+        return (f"a core of {lanes_per_core} lanes has a {need}-byte core buffer; the real "
+                f"guest copies at most {program.SAMPLE_MAX} bytes (cores of up to "
+                f"{program.SAMPLE_MAX // LANE_DTYPE.itemsize} lanes)")
+    return None
+
+
 class KvmGuest:
     """The guest backend of a lane that runs real vCPUs (module docstring)."""
 
@@ -97,9 +113,9 @@ class KvmGuest:
 
     def __init__(self, stun: Stun, region: Region, vms: int, profile: Profile,
                  rec: dict[str, Recorder | None], path: str = DEFAULT_PATH) -> None:
-        if len(profile.reasons) > program.IO_CODES:
-            raise AsirtError(f"the profile has {len(profile.reasons)} exit reasons; a real "
-                             f"guest encodes at most {program.IO_CODES} in its exits")
+        why = unfit(stun.cpu.nlanes, len(profile.reasons))    # refused before the run, too
+        if why is not None:
+            raise AsirtError(why)
         self.stun, self.cpu = stun, stun.cpu
         cpu = self.cpu
         first, nwords = cpu.buffer.lanes_span
@@ -107,7 +123,7 @@ class KvmGuest:
         page = start - start % PAGE_SIZE
         size = -(-(start + 8 * nwords - page) // PAGE_SIZE) * PAGE_SIZE
         self.sample_off, self.sample_len = start - page, 8 * nwords
-        if size > program.WINDOW_MAX or self.sample_len > program.SAMPLE_MAX:
+        if size > program.WINDOW_MAX:
             raise AsirtError(f"this core's buffer ({self.sample_len} bytes) does not fit the "
                              f"guest's window ({program.WINDOW_MAX} bytes) and sample "
                              f"({program.SAMPLE_MAX})")

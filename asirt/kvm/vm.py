@@ -84,7 +84,7 @@ __all__ = ["DEFAULT_PATH", "KICK_SIGNAL", "PAGE_SIZE", "KvmSupport", "probe", "V
 
 #: the KVM device; ASIRT_KVM_DEVICE points elsewhere (a test of a host without KVM, a device
 #: node in a container)
-DEFAULT_PATH = os.environ.get("ASIRT_KVM_DEVICE", "/dev/kvm")
+DEFAULT_PATH = os.environ.get("ASIRT_KVM_DEVICE") or "/dev/kvm"     # empty: unset
 KICK_SIGNAL = signal.SIGUSR1
 PAGE_SIZE = mmap.PAGESIZE
 #: RFLAGS after setup: bit 1 is reserved and always 1; IF = 0, so no interrupt is ever taken

@@ -20,6 +20,7 @@ checkers did not demonstrably look (no guest sample, no monitor snapshot, no cyc
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
@@ -108,6 +109,8 @@ def check_options(opts: KvmOptions) -> None:
     """Refuse bad knobs (BadInput naming the option and the fix) before anything runs."""
     for s in opts.strategies:
         strategies.get(s)
+    if opts.seed < 0:
+        raise BadInput(f"--seed {opts.seed}", "is negative", "choose 0 or more")
     if opts.sweep is not None:
         key, values = opts.sweep
         lo, hi, integral = _SWEEP_RANGE[key]
@@ -134,26 +137,36 @@ def check_options(opts: KvmOptions) -> None:
                        f"choose from {', '.join(strategies.INTERRUPTS)}")
 
 
-def resolve_guest(choice: str, transport: str,
-                  path: str = vm.DEFAULT_PATH) -> tuple[str, str]:
+def resolve_guest(choice: str, transport: str, path: str = vm.DEFAULT_PATH,
+                  lanes_per_core: int = 2, nreasons: int = 1) -> tuple[str, str]:
     """``--guest``: (the backend, why). ``auto`` takes real vCPUs when a VM can be created
-    through ``path``; ``kvm`` insists (FeatureMissing, exit 2, naming the cause: no device,
-    permission, nested virtualization off...)."""
+    through ``path`` and the real guest can run the run's cores and profile; ``kvm`` insists
+    (FeatureMissing or BadInput, exit 2, naming the cause: no device, permission, nested
+    virtualization off, cores too wide, too many exit reasons...)."""
+    from asirt.kvm.real import unfit
     if choice not in GUESTS:
         raise BadInput(f"--guest {choice}", "unknown", f"choose from {', '.join(GUESTS)}")
     if choice == "emulated":
         return "emulated", "chosen with --guest emulated"
     support = vm.probe(path)
+    device = (f" (ASIRT_KVM_DEVICE={path}: unset it to use /dev/kvm)"
+              if os.environ.get("ASIRT_KVM_DEVICE") else "")
+    layout = unfit(lanes_per_core, nreasons)
     if choice == "kvm":
         if not support.usable:
-            raise FeatureMissing("--guest kvm", support.reason,
+            raise FeatureMissing("a usable KVM for --guest kvm", support.reason + device,
                                  "run with --guest emulated, or --guest auto to fall back")
+        if layout is not None:
+            raise BadInput("--guest kvm", layout, "run with --guest emulated, or cores of "
+                           "two (--topology emulated:2) and a profile of at most 256 reasons")
         if transport == "signal":
             raise BadInput("--transport signal", "cannot drive real vCPUs: its IPI signal is "
                            "what kicks a vCPU out of guest mode", "use --transport spin or sem")
         return "kvm", support.reason
     if not support.usable:
-        return "emulated", f"--guest auto: no usable KVM ({support.reason})"
+        return "emulated", f"--guest auto: no usable KVM ({support.reason}{device})"
+    if layout is not None:
+        return "emulated", f"--guest auto: KVM works, but {layout}"
     if transport == "signal":
         return "emulated", ("--guest auto: the signal transport's IPI is the vCPU kick, so "
                             "real vCPUs run only with spin or sem")
@@ -232,7 +245,9 @@ def run_kvm(topo: Topology, opts: KvmOptions, duration_s: float,
     check_options(opts)
     base = profiles.load(opts.profile)
     core_cpus = plan_cores(topo)
-    guest, why = resolve_guest(opts.guest, opts.transport)
+    guest, why = resolve_guest(opts.guest, opts.transport,
+                               lanes_per_core=max(len(c) for c in core_cpus),
+                               nreasons=len(base.reasons))
     opts = replace(opts, guest=guest)
     ref: dict[str, Any] = {"guest_reason": why}
     if reference and guest == "kvm":
@@ -396,11 +411,14 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
 
 
 def count(topo: Topology, opts: Options) -> int:
+    """The run's entries, for the progress line; the guest is resolved here first, so that
+    ``--guest kvm`` where it cannot run exits 2 before anything runs."""
     k = opts.kvm
     points = len(k.sweep[1]) if k.sweep else 1
-    floors = 0
-    if opts.floor:
-        floors = 2 if resolve_guest(k.guest, k.transport)[0] == "kvm" else 1
+    wide = max(len(c) for c in plan_cores(topo))
+    guest = resolve_guest(k.guest, k.transport, lanes_per_core=wide,
+                          nreasons=len(profiles.load(k.profile).reasons))[0]
+    floors = (2 if guest == "kvm" else 1) if opts.floor else 0
     return floors + points * k.repeat * len(k.strategies)
 
 

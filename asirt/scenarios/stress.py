@@ -157,7 +157,8 @@ def _execute(topo: Topology, pl: Plan, injected: Faults, spec: RunSpec, name: st
              transport: str, transitions: int | None, duration_s: float | None,
              max_s: float | None, per_worker: int, stall_s: float,
              progress: ProgressLine | None, *, seed: int, monitor: bool, check: bool,
-             strict: bool, claims_safety: bool, unsafe_quiet: str, delays: bool,
+             strict: bool, claims_safety: bool,
+             unsafe_quiet: str | Callable[[dict[str, int]], str], delays: bool,
              delay_params: DelayParams | None, extra: dict[str, Any], label: str,
              hist_check: tuple[str, str | None] = ("cpu.guest_entries", None),
              setup: Callable[[Region], None] | None = None, idle_slots: Sequence[int] = (),
@@ -212,7 +213,7 @@ def _execute(topo: Topology, pl: Plan, injected: Faults, spec: RunSpec, name: st
     problems += _unexplained_corruption(injected, events, t, corrupt_hists, spec.metrics[0])
     problems += unearned(t, monitor=monitor, check=check, strict=strict)
     if not claims_safety and not counters["violations"]:
-        problems.append(unsafe_quiet)
+        problems.append(unsafe_quiet if isinstance(unsafe_quiet, str) else unsafe_quiet(t))
     good = [s for s in vslots if s not in corrupt_hists]
     extra = {
         "seed": seed, "delays": delays,
@@ -305,10 +306,13 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
         strict=((strat.stun_every_exit or strat.stun_sensitive)
                 and PROTOCOL[strat.protocol].waits_for_acks),
         claims_safety=claims,
-        unsafe_quiet=(f"{strat.name} claims no safety{' with gadgets' if gadgets else ''}, yet "
-                      "the guests saw no foreign token and the checkers found no violation: "
-                      "this run shows nothing about the checkers; run longer, and if it "
-                      "persists a checker is broken"),
+        unsafe_quiet=lambda t: (
+            f"no speculative gadget fired (--gadgets {gadgets:g}), and {strat.name} claims "
+            "safety except with gadgets: this run shows nothing; raise --gadgets or run longer"
+            if strat.claims == "without gadgets" and not t["asi.gadgets"] else
+            f"{strat.name} claims no safety{' with gadgets' if gadgets else ''}, yet the "
+            "guests saw no foreign token and the checkers found no violation: this run shows "
+            "nothing about the checkers; run longer, and if it persists a checker is broken"),
         delays=delays, delay_params=delay_params,
         extra={"strategy_claims": strat.claims, "guest": guest, "profile": profile,
                "gadgets": gadgets, "vms": vms, "shootdowns": shootdowns if strat.restricted
