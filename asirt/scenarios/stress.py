@@ -238,7 +238,9 @@ def _execute(topo: Topology, pl: Plan, injected: Faults, spec: RunSpec, name: st
     }
     hists = {m: out.merged(i, good) for i, m in enumerate(spec.metrics)}
     e = Entry("stress", name, transport, cpus, out.elapsed_s, hists=hists, counters=counters,
-              violations=violation_events(events), failures=failures,
+              leaks=[e for e in events if e["kind"] == "LEAK"][:MAX_LISTED],
+              violations=violation_events([e for e in events if e["kind"] != "LEAK"]),
+              failures=failures,
               claims_safety=claims_safety, problems=problems, extra=extra)
     if progress is not None:
         ok = not (e.failures or e.problems or e.unsafe)
