@@ -85,6 +85,17 @@ def test_the_strategies_broken_on_purpose_fail_the_run(tmp_path):
     assert all("violations under a variant that claims safety" in ln for ln in failed)
 
 
+def test_the_loops_own_options_reach_it(tmp_path):
+    """--profile, --vms and --gadgets with --strategy (each refused without it, below)."""
+    res, (e,) = _stress(tmp_path, "--strategy", "asi", "--guest", "emulated", "--profile",
+                        "io-heavy", "--vms", "3", "--gadgets", "0.2", "--duration", "1.5")
+    assert res.returncode == 0, res.stderr
+    assert (e["profile"], e["vms"], e["gadgets"], e["guest"]) == ("io-heavy", 3, 0.2,
+                                                                  "emulated")
+    assert e["counters"]["asi.gadgets"] > 0 and e["counters"]["asi.gadget_hits"] == 0
+    assert e["counters"]["check.leaks"] == 0 and e["ok"]
+
+
 def test_kcs_with_gadgets_claims_nothing_and_leaks(tmp_path):
     res, (e,) = _stress(tmp_path, "--strategy", "kcs", "--gadgets", "0.3", "--guest",
                         "emulated", "--duration", "2")
