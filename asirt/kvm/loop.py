@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from asirt.clock import now
-from asirt.cpu import ASI, GUEST, HOST, IDLE
+from asirt.cpu import ASI, GUEST, HOST
 from asirt.kvm.backend import GuestBackend
 from asirt.kvm.profile import Profile, sample
 from asirt.kvm.strategy import Strategy
