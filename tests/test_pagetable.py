@@ -1,6 +1,7 @@
 """Page tables in the pool: map/unmap/walk, table reuse, pool limits, corrupt entries."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -345,67 +346,64 @@ def test_a_walk_retries_when_its_table_is_freed_and_reused_mid_walk(aregion):
         walker.close()
 
 
-_DIES_IN_A_CHANGE = r"""
+_HOLDER = r"""
 import sys, time
 from shm_layout import Region
 from asirt.mm.pagetable import PageTables
 r = Region.attach(sys.argv[1])
 pt = PageTables(r)
 pt.__enter__()
-pt._begin()                                   # mid-change: the seqcount is odd
+if sys.argv[2] == "mid-change":
+    pt._begin()                               # the seqcount is odd
 r.words[r.word_index("slots", 1, "progress")] = 1
 time.sleep(60)
 """
+
+
+@contextlib.contextmanager
+def _lock_holder(region, how: str):
+    """Another process that holds the page-table lock (``how``: "mid-change" leaves the
+    seqcount odd too), until the test kills or stops it; killed on the way out."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, region.name, how], cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        ready = region.word_index("slots", 1, "progress")
+        end = time.monotonic() + 30
+        while not region.words[ready]:
+            assert proc.poll() is None and time.monotonic() < end, "the holder did not start"
+            time.sleep(0.001)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_a_writer_killed_in_a_change_holds_neither_the_lock_nor_the_walks():
     """A CPU killed while it maps or unmaps (stress --faults kill, or a sibling's STONITH of a
-    stopped one) held a semaphore for good: every later map waited out LOCK_TIMEOUT_S and
-    failed, every walk spun on the odd seqcount. The kernel drops the lock with its holder now,
-    and the odd seqcount is closed by the next holder or by a walk that finds the lock free."""
+    stopped one) held a semaphore for good: every later map failed with LockTimeout after
+    LOCK_TIMEOUT_S, every walk after SEQ_TIMEOUT_S on the odd seqcount. The kernel drops the
+    lock with its holder now, and the odd seqcount is closed by the next holder or by a walk
+    that finds the lock free."""
     with cpu_region(asi=True) as region:
         pt = PageTables(region)
-        proc = None
         try:
             root = _root(pt)
             with pt:
                 pt.set_pte(root, VA, make_pte(9), 1)
-            proc = subprocess.Popen([sys.executable, "-c", _DIES_IN_A_CHANGE, region.name],
-                                    cwd=ROOT, stdin=subprocess.DEVNULL)
-            ready = region.word_index("slots", 1, "progress")
-            end = time.monotonic() + 30
-            while not region.words[ready]:
-                assert proc.poll() is None and time.monotonic() < end, "the writer did not start"
-                time.sleep(0.001)
-            assert pt.q[pt.seq] & 1 and not pt.lock.try_acquire()
-            proc.kill()
-            proc.wait()
-            t0 = time.monotonic()
-            assert pte_frame(pt.walk(root, VA)) == 9          # the walk closed the seqcount
-            assert pt.q[pt.seq] % 2 == 0 and time.monotonic() - t0 < 1.0
-            pt.q[pt.seq] += 1                                 # as if it died in a change again
-            with pt:                                          # at once: no LOCK_TIMEOUT_S
-                assert pt.q[pt.seq] % 2 == 0                  # the next holder closed it
-            assert time.monotonic() - t0 < 1.0
-        finally:
-            if proc is not None and proc.poll() is None:
+            with _lock_holder(region, "mid-change") as proc:
+                assert pt.q[pt.seq] & 1 and not pt.lock.try_acquire()
                 proc.kill()
                 proc.wait()
+            assert pte_frame(pt.walk(root, VA)) == 9          # the walk closed the seqcount
+            assert pt.q[pt.seq] % 2 == 0
+            pt.q[pt.seq] += 1                                 # as if it died in a change again
+            with pt:                                          # no LockTimeout
+                assert pt.q[pt.seq] % 2 == 0                  # the next holder closed it
+        finally:
             pt.close()
-
-
-_HOLDS_THE_LOCK = r"""
-import sys, time
-from shm_layout import Region
-from asirt.mm.pagetable import PageTables
-r = Region.attach(sys.argv[1])
-pt = PageTables(r)
-pt.__enter__()
-r.words[r.word_index("slots", 1, "progress")] = 1
-time.sleep(60)
-"""
 
 
 @pytest.mark.multiprocess
@@ -413,26 +411,14 @@ time.sleep(60)
 def test_a_stopped_lock_holder_is_killed_and_its_lock_falls_free():
     """A CPU stopped inside a map or unmap: the waiters kill it at their second look (the
     handshake's stop-the-holder policy), and the kernel drops its lock, instead of everyone
-    waiting LOCK_TIMEOUT_S and failing."""
+    failing with LockTimeout after LOCK_TIMEOUT_S."""
     with cpu_region(asi=True) as region:
         pt = PageTables(region)
-        proc = None
         try:
-            proc = subprocess.Popen([sys.executable, "-c", _HOLDS_THE_LOCK, region.name],
-                                    cwd=ROOT, stdin=subprocess.DEVNULL)
-            ready = region.word_index("slots", 1, "progress")
-            end = time.monotonic() + 30
-            while not region.words[ready]:
-                assert proc.poll() is None and time.monotonic() < end, "the holder did not start"
-                time.sleep(0.001)
-            os.kill(proc.pid, signal.SIGSTOP)
-            t0 = time.monotonic()
-            with pt:
-                assert pt.q[pt.lock_pid] == os.getpid()
-            assert time.monotonic() - t0 < 2.0
-            assert proc.wait(5) == -signal.SIGKILL
+            with _lock_holder(region, "held") as proc:
+                os.kill(proc.pid, signal.SIGSTOP)
+                with pt:
+                    assert pt.q[pt.lock_pid] == os.getpid()
+                assert proc.wait(5) == -signal.SIGKILL
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
             pt.close()

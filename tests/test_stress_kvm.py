@@ -97,6 +97,15 @@ def test_the_loops_own_options_reach_it(tmp_path):
     assert e["counters"]["check.leaks"] == 0 and e["ok"]
 
 
+def test_the_walks_options_reach_the_loop_too(tmp_path):
+    """--workers, --transport and --no-delays, shared with the handshake's walk."""
+    res, (e,) = _stress(tmp_path, "--strategy", "always", "--guest", "emulated", "--workers",
+                        "4", "--transport", "sem", "--no-delays", "--duration", "1.5")
+    assert res.returncode == 0, res.stderr
+    assert e["workers"] == 4 and e["transport"] == "sem" and e["delays"] is False
+    assert e["counters"]["stun.requests"] > 0 and e["counters"]["violations"] == 0
+
+
 def test_kcs_with_gadgets_claims_nothing_and_leaks(tmp_path):
     res, (e,) = _stress(tmp_path, "--strategy", "kcs", "--gadgets", "0.3", "--guest",
                         "emulated", "--duration", "2")
