@@ -64,7 +64,6 @@ def test_vcpu_cycle_in_process(benchmark, name, tmp_path):
         (lp,) = make_loops(r, 1, name, profile=str(prof), host_share=0.0)
         try:
             lp.start()
-            lp.state.set_domain(1) if lp.state.mode == 0 else None
             far = time.perf_counter_ns() + 10**12
             benchmark.pedantic(lp.cycle, args=(far,), rounds=2000, iterations=10,
                                warmup_rounds=100)

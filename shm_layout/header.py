@@ -13,6 +13,7 @@ MAGIC = int.from_bytes(b"ASIRTSHM", "little")
 # 3: one core buffer and one per-CPU state for every mechanism, and the creator holds a flock
 # on the segment for its whole life (region.py). A segment of another version may take none,
 # so this build cannot tell whether its run is alive and leaves it be.
+# 4: counters check.sample_ns and cpu.idle_flushes, stun_cpu.vcpu_tid (real vCPUs' kicks).
 LAYOUT_VERSION = 4
 MAX_SECTIONS = 32   # base 4 + cpu 3 + sync 2 + asi 6 = 15 today, and the kvm scenario's
 SECTION_NAME_LEN = 16

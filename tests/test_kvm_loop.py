@@ -132,8 +132,10 @@ def test_cycle_overhead_excludes_the_drawn_work():
             close_loops([lp])
     assert len(got) > 5
     got.sort()
-    # cpu-bound draws intervals of ~0.9 ms on average: the overhead is a small part of that
-    assert 0 < got[len(got) // 2] < 200_000
+    # relative to the work it must leave out (the drawn guest intervals, ~0.9 ms on average
+    # under cpu-bound), never an absolute time: the overhead is a small part of it
+    drawn = sorted(lp.interval[:len(got)])
+    assert 0 < got[len(got) // 2] < drawn[len(drawn) // 2] / 4
 
 
 @pytest.mark.parametrize("name", ["always", "asi", "kcs", "asi+kcs"])

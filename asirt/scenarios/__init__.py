@@ -10,7 +10,6 @@ import them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -23,7 +22,7 @@ from asirt.results import Entry
 from asirt.topology import Topology
 
 __all__ = ["Scenario", "Options", "KvmOptions", "SCENARIOS", "DEFAULT_SCENARIO",
-           "parse_choices", "check_duration"]
+           "parse_choices"]
 
 DEFAULT_SCENARIO = "kvm"
 
@@ -71,13 +70,6 @@ def parse_choices(text: str, valid: Sequence[str], option: str) -> list[str]:
         raise BadInput(f"{option} {text!r}", f"unknown value {bad[0]!r}" if bad else "is empty",
                        f"choose from {', '.join(valid)} (comma-separated)")
     return list(dict.fromkeys(items))
-
-
-def check_duration(duration: float) -> float:
-    if not (math.isfinite(duration) and duration > 0):
-        raise BadInput(f"--duration {duration}", "must be a positive, finite number of seconds",
-                       "for example --duration 2")
-    return duration
 
 
 def _registry() -> dict[str, Scenario]:
