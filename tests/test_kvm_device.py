@@ -286,6 +286,22 @@ def test_window_of_a_shared_mmap_at_an_offset():
 
 
 @requires_kvm
+def test_clearing_the_answer_hides_the_last_pass_copies():
+    """asirt.kvm.real clears the answer before each request: a kick between the guest's echo
+    of a new seq and its clearing of the copy count showed the last pass's copies as the new
+    pass's (a leak counted twice)."""
+    with loaded_guest() as (program, vcpu):
+        program.post(Request(seq=1, sample_len=0))
+        vcpu.run()
+        assert program.output().seq == 1
+        program.clear_answer()
+        assert (program.output().seq, program.output().copies) == (0, 0)
+        program.post(Request(seq=2, sample_len=0))
+        vcpu.run()
+        assert program.output().seq == 2
+
+
+@requires_kvm
 def test_the_window_is_read_only_to_the_guest_and_can_be_remapped():
     first, second = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
     first[:4], second[:4] = b"one!", b"two!"

@@ -233,6 +233,11 @@ class GuestProgram:
     def post(self, request: Request) -> None:
         self.mailbox.post(request)
 
+    def clear_answer(self) -> None:
+        """Zero the answer header (seq, copies). Only between passes, when the guest starts
+        its next one from the top: it echoes the seq there before it clears the copy count."""
+        _HEADER.pack_into(self.vm.ram, OUTPUT_GPA, 0, 0)  # type: ignore[arg-type]
+
     def output(self) -> Output:
         return read_output(self.vm.ram)
 

@@ -236,16 +236,17 @@ class VcpuLoop:
         rng = self.rng
         if self.intr[reason] and st.restricted:
             asi.asi_exit()                     # leave ASI explicitly at interrupt entry
-        t0 = now()                             # the handler's own loads are its work
-        if g:
-            asi.access(rng.choice(mem.globals))
-        if l:
-            asi.access(rng.choice(mem.local[self.state.dom]))
-        if gadget:
-            asi.touch(rng.choice(mem.secrets))  # speculative: loads only what is mapped
-        plain = now() - t0
-        self.w[self.c["handler_ns"]] += plain
-        handler -= plain
+        if g or l or gadget:
+            t0 = now()                         # the handler's own loads are its work
+            if g:
+                asi.access(rng.choice(mem.globals))
+            if l:
+                asi.access(rng.choice(mem.local[self.state.dom]))
+            if gadget:
+                asi.touch(rng.choice(mem.secrets))  # speculative: loads only what is mapped
+            plain = now() - t0
+            self.w[self.c["handler_ns"]] += plain
+            handler -= plain
         if s:
             self._sensitive(rng.choice(mem.secrets))
         if self.shoot and rng.random() < self.shoot:

@@ -151,7 +151,12 @@ class KvmGuest:
 
     # -- start-up measurements ----------------------------------------------------------------
     def _post(self, v: _Vcpu, kind: ExitKind, code: int, iters: int, sample: bool) -> int:
+        """The next pass's request, between two KVM_RUNs (the guest starts it from the top),
+        after clearing the answer header: the guest echoes the new seq a few instructions
+        before it clears its copy count, and a kick between the two must not pass the last
+        pass's copies off as this one's (its leaks would be counted twice)."""
         self.seq = seq = (self.seq + 1) & 0xFFFFFFFF
+        v.prog.clear_answer()
         v.prog.post(program.Request(seq, kind, code, self.sample_len if sample else 0,
                                     self.sample_off, _BOTH, iters))
         return seq
@@ -204,7 +209,7 @@ class KvmGuest:
         seq = self._post(v, kind, reason, iters if iters > 0 else 0, True)
         self.ran_ns = 0
         fence()                         # our GUEST store before the look for a request
-        if stun.pending() and stun.answer():
+        if stun.answer():
             return True                 # parked before entering: the request was first
         run = v.vcpu.run
         while True:
