@@ -276,9 +276,7 @@ def _kvm_options(args: argparse.Namespace) -> scenarios.KvmOptions:
     given = {k: v for k, v in vars(args).items() if _SCENARIO_ONLY.get(k) == "kvm"
              and v is not None}
     if "strategy" in given:
-        given["strategies"] = kvm_scenario.strategies_of(
-            scenarios.parse_choices(given.pop("strategy"), kvm_strategies.ALL_NAMES,
-                                    "--strategy"))
+        given["strategies"] = kvm_scenario.parse_strategies(given.pop("strategy"))
     if "sweep" in given:
         given["sweep"] = kvm_scenario.parse_sweep(given["sweep"])
     opts = scenarios.KvmOptions(transport=transports[0], **given)
@@ -330,7 +328,7 @@ def cmd_stress(args: argparse.Namespace) -> int:
                    if args.faults else ())
     if args.strategy is not None:
         return _stress_strategies(args, faults)
-    given = [f"--{k}" for k in STRESS_KVM_DEFAULTS if getattr(args, k) is not None]
+    given = [f"--{k}" for k in _STRESS_KVM if getattr(args, k) is not None]
     if given:
         raise BadInput(given[0], "is an option of the vCPU loop's stress",
                        "add --strategy LIST, or leave it out")
@@ -353,53 +351,44 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return _run(args, "stress", topo, config, runs)
 
 
-#: the vCPU loop's stress options and their defaults (given without --strategy: refused)
-STRESS_KVM_DEFAULTS = {"guest": "auto", "profile": "default", "gadgets": 0.0,
-                       "vms": KvmParams.vms}
+#: the options of the vCPU loop's stress (given without --strategy: refused), as KvmOptions
+#: names them: their defaults and their checks are bench kvm's
+_STRESS_KVM = ("guest", "profile", "gadgets", "vms")
 
 
 def _stress_strategies(args: argparse.Namespace, faults: tuple[str, ...]) -> int:
     """``asirt stress --strategy LIST``: the vCPU loop under each strategy, stressed."""
-    for k, default in STRESS_KVM_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, default)
-    listed = [n.strip() for n in args.strategy.split(",") if n.strip()]
-    if "all" in listed and listed != ["all"]:
-        raise BadInput(f"--strategy {args.strategy}", "combines 'all' with other names",
-                       "give all alone, or list the strategies")
-    names = (kvm_strategies.NAMES if listed == ["all"] else
-             scenarios.parse_choices(args.strategy, kvm_strategies.ALL_NAMES, "--strategy"))
     for opt, value, fix in (("--protocol", args.protocol, "a strategy has its own protocol"),
                             ("--barrier", args.barrier, "a strategy has its own barrier"),
                             ("--transitions", args.transitions,
                              "the vCPU loop runs for a time: give --duration")):
         if value is not None:
             raise BadInput(f"{opt} with --strategy", "does not apply", fix)
-    if args.duration is None:
-        args.duration = 10.0
-    profile = kvm_profiles.load(args.profile)  # a bad profile: exit 2 before anything runs
-    if not 1 <= args.vms <= 7:
-        raise BadInput(f"--vms {args.vms}", "out of range", "choose 1..7 (security domains)")
-    if args.seed < 0:
-        raise BadInput(f"--seed {args.seed}", "is negative", "choose 0 or more")
+    opts = scenarios.KvmOptions(
+        strategies=kvm_scenario.parse_strategies(args.strategy), seed=args.seed,
+        transport=args.transport,
+        **{k: getattr(args, k) for k in _STRESS_KVM if getattr(args, k) is not None})
+    kvm_scenario.check_options(opts)           # bench kvm's checks: exit 2 before anything
+    profile = kvm_profiles.load(opts.profile)
+    duration = 10.0 if args.duration is None else args.duration
     topo, lanes = _stress_topology(args)
     cores = plan_cores(topo, lanes, args.workers, min_cores=max(1, len(faults)))
-    guest, why = kvm_scenario.resolve_guest(args.guest, args.transport,
+    guest, why = kvm_scenario.resolve_guest(opts.guest, opts.transport,
                                             lanes_per_core=max(len(c) for c in cores),
                                             nreasons=len(profile.reasons))
-    progress = ProgressLine(len(names), quiet=args.quiet)
-    config = {"scenario": "stress", "strategies": list(names), "duration_s": args.duration,
-              "faults": list(faults), "workers": args.workers, "seed": args.seed,
-              "transport": args.transport, "guest": guest, "guest_reason": why,
-              "profile": args.profile, "gadgets": args.gadgets, "vms": args.vms,
+    progress = ProgressLine(len(opts.strategies), quiet=args.quiet)
+    config = {"scenario": "stress", "strategies": list(opts.strategies), "duration_s": duration,
+              "faults": list(faults), "workers": args.workers, "seed": opts.seed,
+              "transport": opts.transport, "guest": guest, "guest_reason": why,
+              "profile": opts.profile, "gadgets": opts.gadgets, "vms": opts.vms,
               "delays": not args.no_delays}
     if not args.quiet:
         print(f"guest {guest}: {why}", file=sys.stderr)
     runs = (stress.run_kvm_stress(
-        topo, s, args.duration, seed=args.seed, delays=not args.no_delays, faults=faults,
-        progress=progress, transport=args.transport, guest=guest, profile=args.profile,
-        gadgets=args.gadgets, vms=args.vms, lanes_per_core=lanes, workers=args.workers)
-        for s in names)
+        topo, s, duration, seed=opts.seed, delays=not args.no_delays, faults=faults,
+        progress=progress, transport=opts.transport, guest=guest, profile=opts.profile,
+        gadgets=opts.gadgets, vms=opts.vms, lanes_per_core=lanes, workers=args.workers)
+        for s in opts.strategies)
     return _run(args, "stress", topo, config, runs)
 
 

@@ -377,6 +377,22 @@ def test_stress_judges_each_fault_end_to_end(tmp_path, fault):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("args", [("--barrier", "rendezvous"), ("--transport", "signal"),
+                                  ("--transport", "sem")])
+def test_stress_with_each_barrier_and_transport_end_to_end(tmp_path, args):
+    res = asirt("stress", *args, "--duration", "1.5", "--out", str(tmp_path), "--json",
+                "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (entry,) = json.loads(res.stdout)["scenarios"]
+    if args[0] == "--barrier":
+        assert entry["barrier"] == "rendezvous" and entry["counters"]["barrier.rv_rounds"] > 0
+    else:
+        assert entry["transport"] == args[1]
+    assert entry["counters"]["violations"] == 0 and entry["counters"]["stun.requests"] > 0
+    assert entry["ok"]
+
+
+@pytest.mark.multiprocess
 def test_an_unsafe_protocol_that_shows_nothing_without_delays_fails(tmp_path):
     """--no-delays used to switch the rule off: a naive run that showed nothing passed."""
     res = asirt("stress", "--protocol", "naive", "--no-delays", "--transitions", "2",

@@ -219,6 +219,40 @@ def test_cli_every_strategy_end_to_end(name, tmp_path):
                if not line.startswith(("WARNING", "run directory"))) <= 100
 
 
+@pytest.mark.parametrize("sweep, values", [("exit_rate", (2000.0, 20000.0)),
+                                           ("sensitive", (0.0, 1.0)), ("vms", (1.0, 3.0))])
+def test_cli_every_sweep_key_runs(tmp_path, sweep, values):
+    r = asirt("bench", "kvm", "--guest", "emulated", "--strategy", "asi", "--sweep",
+              f"{sweep}={values[0]:g},{values[1]:g}", "--duration", "0.3", "--no-floor",
+              "--out", str(tmp_path), "--quiet", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)["scenarios"]
+    assert [(s["sweep"]["key"], s["sweep"]["value"]) for s in got] == [
+        (sweep, v) for v in values]
+    assert all(s["counters"]["kvm.cycles"] > 0 and s["ok"] for s in got)
+    if sweep == "vms":
+        assert [s["vms"] for s in got] == [1, 3]
+
+
+def test_cli_every_knob_of_bench_kvm_reaches_the_run(tmp_path):
+    """--strategy all, --stun-at exit, --interrupts exit, --tick-ms, --host-share, --vms,
+    --gadgets, --seed and --repeat, end to end, each found in result.json."""
+    r = asirt("bench", "kvm", "--guest", "emulated", "--strategy", "all", "--stun-at", "exit",
+              "--interrupts", "exit", "--tick-ms", "1", "--host-share", "0.2", "--vms", "3",
+              "--gadgets", "0.05", "--seed", "5", "--repeat", "2", "--duration", "0.25",
+              "--no-floor", "--out", str(tmp_path), "--quiet", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)["scenarios"]
+    assert [s["strategy"] for s in got] == list(strategy.NAMES)
+    for s in got:
+        assert (s["stun_at"], s["interrupts"], s["tick_ms"], s["host_share"], s["vms"],
+                s["gadgets"], s["seed"], s["repeat"]) == ("exit", "exit", 1.0, 0.2, 3, 0.05,
+                                                          5, 2)
+        assert "spread" in s["kvm"] and s["counters"]["kvm.host_tasks"] > 0
+    asi = next(s for s in got if s["strategy"] == "asi")
+    assert asi["counters"]["stun.requests"] >= asi["counters"]["kvm.exits"] * 0.9  # at exit
+
+
 def test_cli_sweep_draws_its_plot(tmp_path):
     pytest.importorskip("matplotlib")
     r = asirt("bench", "kvm", "--guest", "emulated", "--strategy", "none,asi", "--sweep",

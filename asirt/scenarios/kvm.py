@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 from dataclasses import replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from asirt.orchestrator import RunSpec
 from asirt.params import CpuParams, KvmParams
 from asirt.progress import ProgressLine
 from asirt.results import Entry
-from asirt.scenarios import KvmOptions, Options, pingpong
+from asirt.scenarios import KvmOptions, Options, parse_choices, pingpong
 from asirt.scenarios.common import (MAX_LISTED, Plan, collect_run, plan, plan_cores, sync_init,
                                     sync_sections, violation_events)
 from asirt.sync.coresched import backend_report
@@ -46,7 +46,7 @@ from asirt.topology import Topology
 from shm_layout import Region
 
 __all__ = ["METRICS", "REAL_METRICS", "GUESTS", "SWEEP_KEYS", "run_kvm", "count", "run",
-           "parse_sweep", "check_options", "resolve_guest"]
+           "parse_sweep", "parse_strategies", "check_options", "resolve_guest"]
 
 METRICS = ["exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle"]
 #: what a real guest adds (asirt.kvm.real)
@@ -427,5 +427,13 @@ def run(topo: Topology, opts: Options, progress: ProgressLine | None = None) -> 
     return run_kvm(topo, opts.kvm, opts.duration_s, progress, reference=opts.floor)
 
 
-def strategies_of(names: Sequence[str]) -> tuple[str, ...]:
-    return tuple(strategies.get(n).name for n in names)
+def parse_strategies(text: str) -> tuple[str, ...]:
+    """``--strategy``: a comma-separated list of strategies, or ``all`` (the seven; the
+    broken ones only when named)."""
+    listed = [n.strip() for n in text.split(",") if n.strip()]
+    if listed == ["all"]:
+        return strategies.NAMES
+    if "all" in listed:
+        raise BadInput(f"--strategy {text}", "combines 'all' with other names",
+                       "give all alone, or list the strategies")
+    return tuple(parse_choices(text, strategies.ALL_NAMES, "--strategy"))

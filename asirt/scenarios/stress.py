@@ -106,16 +106,7 @@ def run_stress(topo: Topology, protocol: str, transitions: int | None = None,
         raise BadInput(f"--transport {transport}", "unknown", f"choose from {', '.join(TRANSPORTS)}")
     if barrier not in BARRIERS:
         raise BadInput(f"barrier {barrier!r}", "unknown", f"choose from {', '.join(BARRIERS)}")
-    bad = [f for f in faults if f not in FAULTS]
-    if bad:
-        raise BadInput(f"--faults {','.join(faults)}", f"unknown fault {bad[0]!r}",
-                       f"choose from {', '.join(FAULTS)} (comma-separated)")
-    faults = tuple(dict.fromkeys(faults))
-    if corrupt is None:
-        corrupt = CORRUPT_WORDS[seed % len(CORRUPT_WORDS)]
-    elif corrupt not in CORRUPT_WORDS:
-        raise BadInput(f"corrupt word {corrupt!r}", "unknown",
-                       f"choose from {', '.join(CORRUPT_WORDS)}")
+    faults, corrupt = _checked_faults(faults, corrupt, seed)
     if (transitions is None) == (duration_s is None):
         raise BadInput("stress", "give exactly one of transitions and duration",
                        "for example --duration 10")
@@ -270,12 +261,7 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
     from asirt.scenarios.kvm import METRICS, REAL_METRICS
 
     strat = strategies.get(strategy)
-    bad = [f for f in faults if f not in FAULTS]
-    if bad:
-        raise BadInput(f"--faults {','.join(faults)}", f"unknown fault {bad[0]!r}",
-                       f"choose from {', '.join(FAULTS)} (comma-separated)")
-    faults = tuple(dict.fromkeys(faults))
-    corrupt = corrupt or CORRUPT_WORDS[seed % len(CORRUPT_WORDS)]
+    faults, corrupt = _checked_faults(faults, corrupt, seed)
     core_cpus = plan_cores(topo, lanes_per_core, workers, min_cores=max(1, len(faults)))
     real = guest == "kvm"
     params = KvmParams(
@@ -323,6 +309,22 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
         hist_check=("kvm.exits", "stun.aborts"),
         setup=lambda region: vm_memory.setup(region, vms),
         idle_slots=idle, more_counters=_KVM_COUNTERS)
+
+
+def _checked_faults(faults: Sequence[str], corrupt: str | None,
+                    seed: int) -> tuple[tuple[str, ...], str]:
+    """The faults, each once, and the word the corrupt fault writes (default: by the seed);
+    BadInput for one that asirt does not know."""
+    bad = [f for f in faults if f not in FAULTS]
+    if bad:
+        raise BadInput(f"--faults {','.join(faults)}", f"unknown fault {bad[0]!r}",
+                       f"choose from {', '.join(FAULTS)} (comma-separated)")
+    if corrupt is None:
+        corrupt = CORRUPT_WORDS[seed % len(CORRUPT_WORDS)]
+    elif corrupt not in CORRUPT_WORDS:
+        raise BadInput(f"corrupt word {corrupt!r}", "unknown",
+                       f"choose from {', '.join(CORRUPT_WORDS)}")
+    return tuple(dict.fromkeys(faults)), corrupt
 
 
 def unearned(t: dict[str, int], *, monitor: bool, check: bool, strict: bool) -> list[str]:
