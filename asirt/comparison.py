@@ -59,7 +59,7 @@ def _verdict(s: dict[str, Any]) -> str:
         return "FAILED"
     if s.get("problems"):
         return "NOT EARNED"
-    if s.get("claims_safety") and s["counters"].get("violations"):
+    if s.get("unsafe"):
         return "UNSAFE"
     return "ok"
 

@@ -15,7 +15,7 @@ import os
 from collections import defaultdict
 
 from asirt import histogram
-from asirt.errors import BadInput, FeatureMissing
+from asirt.errors import FeatureMissing
 from asirt.results import hgrm_name
 
 
@@ -103,13 +103,7 @@ def plot_strategies(plt, run_dir: str, scenarios: list[dict]) -> list[str]:
     kvm = [s for s in scenarios if s.get("scenario") == "kvm" and isinstance(s.get("kvm"), dict)]
     if not kvm:
         return []
-    try:
-        return _strategy_figures(plt, run_dir, kvm)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        plt.close("all")
-        raise BadInput(os.path.join(run_dir, "result.json"), f"has kvm entries asirt did not "
-                       f"write ({type(err).__name__}: {err})",
-                       "re-run 'asirt bench kvm' to get its plots") from None
+    return _strategy_figures(plt, run_dir, kvm)
 
 
 def _strategy_figures(plt, run_dir: str, kvm: list[dict]) -> list[str]:

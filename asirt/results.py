@@ -68,6 +68,7 @@ class Entry:
             "counters": {k: int(v) for k, v in self.counters.items()},
             "leaks": self.leaks, "violations": self.violations, "failures": self.failures,
             "claims_safety": self.claims_safety, "problems": self.problems,
+            "unsafe": self.unsafe,
             "ok": not (self.failures or self.problems or self.unsafe),
             **self.extra,
         }
@@ -265,10 +266,9 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             rows.append([*where, "FAILED", f, *[""] * 6])
         for p in s.get("problems", []):
             rows.append([*where, "FAILED", p, *[""] * 6])
-        violations = s.get("counters", {}).get("violations", 0)
-        if s.get("claims_safety") and violations:
-            rows.append([*where, "FAILED", f"{violations} violations under a variant that "
-                         "claims safety", *[""] * 6])
+        if s.get("unsafe"):
+            rows.append([*where, "FAILED", f"{s['counters'].get('violations', 0)} violations "
+                         "under a variant that claims safety", *[""] * 6])
     return _render(head, rows)
 
 
@@ -286,7 +286,10 @@ def _fault_seen(f: dict[str, Any]) -> str:
 
 
 def _key(s: dict[str, Any]) -> tuple:
-    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]), s.get("label"))
+    """An entry's identity across runs: its label (entries written before labels existed get
+    the one they would have had: a sweep point's tag came with the label)."""
+    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]),
+            s.get("label") or label_of(s["scenario"], s["strategy"], s["transport"], s["cpus"]))
 
 
 def _ratio(b: Any, a: Any) -> str:
@@ -322,12 +325,22 @@ def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
 # (optional ones end in "?").
 _NUMBER = (int, float, type(None))
 _METRIC = {"count": int, **{k: _NUMBER for k in ("min", "p50", "p90", "p99", "p999", "max")}}
+_FLOAT = (int, float)
+#: what the strategy table and the kvm plots read of a kvm entry (asirt.scenarios.kvm._derive)
+_KVM = {"guest_fraction": _FLOAT, "guest_vs_none?": _NUMBER,
+        "entries_per_s_per_vcpu": _FLOAT, "restricted_pct": _NUMBER, "stuns_per_s": _FLOAT,
+        "flushes_per_s": _FLOAT, "stunned_or_forced_idle": _FLOAT,
+        "leaks_per_s": {"host": _FLOAT, "other_vm": _FLOAT},
+        "violations": {k: int for k in ("check.s1", "check.s2", "check.s3", "monitor.s1",
+                                        "monitor.s2")},
+        "gadgets": int, "gadget_hits": int, "time": {str: _FLOAT}}
 _SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
              "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
-             "problems?": [str], "claims_safety?": (bool, type(None)),
+             "problems?": [str], "claims_safety?": (bool, type(None)), "unsafe?": bool,
              "faults?": [{"fault": str, "cpu": int, "detected?": (bool, type(None)),
                           "injected?": bool, "detect_after_ms?": _NUMBER, "word?": str}],
-             "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER}}
+             "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER},
+             "kvm?": _KVM, "sweep?": {"key": str, "value": _FLOAT}}
 _RESULT = {"run_id": str, "started_at": str, "host": {"hostname": str, "cpu_model": str},
            "topology": {"emulated?": bool}, "scenarios": [_SCENARIO]}
 _MAX_RESULT_BYTES = 256 * 2**20

@@ -338,10 +338,12 @@ def write_fake_run(where, entries: list[Entry]) -> str:
 
 def _spoil(run_dir: str, content: object) -> None:
     path = Path(run_dir) / "result.json"
-    if content == "scenarios-count" or content == "scenarios-cpus":
+    if content in ("scenarios-count", "scenarios-cpus", "kvm-empty"):
         result = json.loads(path.read_text())
         if content == "scenarios-count":
             result["scenarios"][0]["metrics"]["roundtrip"]["count"] = "many"
+        elif content == "kvm-empty":           # a kvm entry the strategy table cannot read
+            result["scenarios"][0].update(scenario="kvm", kvm={})
         else:
             result["scenarios"][0]["cpus"] = [True]
         content = result
@@ -362,6 +364,7 @@ def _spoil(run_dir: str, content: object) -> None:
       "topology": {}, "scenarios": []}, "result.host is NoneType"),
     ("scenarios-count", 'result.scenarios[0].metrics.roundtrip.count is "many"'),
     ("scenarios-cpus", "result.scenarios[0].cpus[0] is true"),
+    ("kvm-empty", "result.scenarios[0].kvm has no 'guest_fraction'"),
     (b"\x89PNG\r\n\x1a\n\x00\x00binary", "is not JSON"),
     (b"\xff\xfe{}", "is not JSON"),
     (b"[" * 100000, "is not JSON"),
@@ -387,6 +390,20 @@ def test_result_json_given_for_its_directory_is_refused_naming_the_directory(
     rc = main(["report", path] if command == "report" else ["compare", path, run_dir])
     err = capsys.readouterr().err
     assert rc == 2 and f"pass the directory that holds it: {run_dir}" in err, err
+
+
+def test_compare_matches_entries_written_before_labels_existed(tmp_path, capsys):
+    """compare keyed entries on their label, which older result.json files lack: nothing
+    matched. An unlabelled entry gets the label it would have had."""
+    a = write_fake_run(tmp_path / "a", [fake_entry(0)])
+    b = write_fake_run(tmp_path / "b", [fake_entry(0, p50_ns=400)])
+    path = Path(a) / "result.json"
+    old = json.loads(path.read_text())
+    del old["scenarios"][0]["label"]
+    path.write_text(json.dumps(old))
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "no entry appears in both runs" not in out and "roundtrip" in out
 
 
 def test_compare_with_a_p50_of_zero(tmp_path, capsys):
