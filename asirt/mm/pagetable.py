@@ -29,6 +29,7 @@ import numpy as np
 
 from asirt.errors import AsirtError, BadInput
 from asirt.mm.memclass import DoubleFree, PoolExhausted
+from asirt.params import CpuParams
 from asirt.proc import kill_if_stopped_again
 from shm_layout.asi import GLOBAL_OWNER, PAGE_SIZE, PT_ENTRIES, PTMETA_DTYPE, u64_view, word
 from shm_layout.region import PTLOCK_BYTE, ByteLock, Region
@@ -50,7 +51,6 @@ _NVALID = PTMETA_DTYPE.fields["nvalid"][1] // 8
 LOCK_TIMEOUT_S = 10.0     # a holder this slow is dead or stopped: say who it is
 SEQ_TIMEOUT_S = 10.0
 SEQ_RECOVER_S = 0.01      # an odd seqcount this old with the lock free: its writer died
-HOLDER_CHECK_S = 0.05     # how often a waiter looks at the lock's holder (stopped? killed)
 
 
 def make_pte(pfn: int, flags: int = PRESENT | WRITABLE | NX) -> int:
@@ -135,6 +135,10 @@ class PageTables:
         self.q = u64_view(region)
         self.lock = ByteLock(region, PTLOCK_BYTE)
         self.service = service
+        #: the stop-the-holder policy while waiting for the lock: a CPU's comes from its
+        #: CpuParams (asirt.mm.spaces); the parent's is the defaults'
+        self.stonith = CpuParams.stonith
+        self.holder_check_s = CpuParams.ack_timeout_ms / 1e3
         sec = region.section("asi_tables")
         self.tbase, self.ntables = sec.offset // 8, sec.count
         self.nframes = region.section("asi_frames").count
@@ -160,10 +164,11 @@ class PageTables:
         return self
 
     def _acquire_slow(self) -> None:
-        """Poll the lock (answering shootdowns meanwhile); every HOLDER_CHECK_S look at its
-        holder: one stopped at two looks is killed, and its lock falls free with it."""
+        """Poll the lock (answering shootdowns meanwhile); once per ``holder_check_s`` look at
+        its holder: one stopped at two looks is killed (``stonith``), and its lock falls free
+        with it -- the handshake's stop-the-holder policy, with the CPU's own settings."""
         start = time.monotonic()
-        check_at, stopped = start + HOLDER_CHECK_S, 0
+        check_at, stopped = start + self.holder_check_s, 0
         while True:
             if self.service is not None:
                 self.service()       # answer shootdowns while we wait (the holder may wait on us)
@@ -174,8 +179,8 @@ class PageTables:
                 return
             t = time.monotonic()
             if t >= check_at:
-                check_at = t + HOLDER_CHECK_S
-                stopped = kill_if_stopped_again(self.q[self.lock_pid], stopped)
+                check_at = t + self.holder_check_s
+                stopped = kill_if_stopped_again(self.q[self.lock_pid], stopped, self.stonith)
             if t - start > LOCK_TIMEOUT_S:
                 raise LockTimeout("page-table lock", self.q[self.lock_pid],
                                   time.monotonic() - start)

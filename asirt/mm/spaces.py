@@ -160,6 +160,8 @@ class AddressSpaces:
         if cpu is not None:
             self.tlb = Tlb(cpu, self.pt, self.full_root)
             self.pt.service = self.tlb.service
+            self.pt.stonith = cpu.params.stonith
+            self.pt.holder_check_s = cpu.params.ack_timeout_ms / 1e3
         self.shootdowns = Shootdowns(region, cpu, self.tlb, self.pt)
 
     def close(self) -> None:
