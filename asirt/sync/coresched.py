@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 from asirt.clock import now
 from asirt.cpu import Cpu
-from asirt.cpu.wait import Outcome
+from asirt.cpu.wait import Outcome, Wait
 from asirt.errors import FeatureMissing
 from asirt.sync.barrier import Result, SpinBarrier, RendezvousBarrier
 from asirt.sync.corelock import CoreLock
@@ -161,11 +161,11 @@ class CoreSched:
         self.cookie: int | None = None
         #: a sibling forced idle past its patience wants the core: leave it (see answer)
         self.yield_now = False
-        # forced idle behind one sibling in many short waits (each bounded by a tick, shorter
+        # forced idle behind one sibling in many short waits, each bounded by a tick (shorter
         # than the ack timeout; runs of its cookie between them do not clear the suspicion: a
-        # dead sibling's task blocks every other cookie for good): its lane, and when its
-        # liveness is checked next
-        self.blocked_by, self.next_check = -1, 0
+        # dead sibling's task blocks every other cookie for good): one Wait for them all, so
+        # that their sum reaches the waiter's liveness check
+        self.blocked: Wait | None = None
         self.c_tasks = cpu.c("coresched.tasks")
         self.c_forced, self.c_forced_ns = cpu.c("coresched.forced_idle"), cpu.c(
             "coresched.forced_idle_ns")
@@ -250,10 +250,12 @@ class CoreSched:
         cpu, w = self.cpu, self.cpu.w
         # whom we wait for: a running sibling, or (the core empty) the one that claimed it
         j = (running & -running).bit_length() - 1 if running else w[self.i_want_lane]
-        if j != cpu.lane and self._blocked_too_long(j):
-            self._remove(j)
-            return True
-        wait = cpu.waiter.begin(-1 if j == cpu.lane else j, Phase.CORESCHED, deadline)
+        lane = -1 if j == cpu.lane else j
+        wait = self.blocked
+        if wait is None or wait.lane != lane:
+            wait = self.blocked = cpu.waiter.begin(lane, Phase.CORESCHED, deadline)
+        else:
+            wait.deadline = deadline
         n, limit = 0, cpu.waiter.limit
         try:
             while w[self.i_seq] == seq:
@@ -261,35 +263,17 @@ class CoreSched:
                 n += 1
                 if n < limit and (deadline is None or n & 63 or now() < deadline):
                     continue
-                if claim_at is not None and now() > claim_at:
-                    return True
-                r = wait.slow()
-                if r in (Outcome.STOP, Outcome.DEADLINE):
+                r = wait.slow()                    # first: it may find j dead (the claim
+                if r in (Outcome.STOP, Outcome.DEADLINE):   # would end every slice before it)
                     return False
                 if r == Outcome.FENCED:
                     self._remove(j)
                     return True
+                if claim_at is not None and now() > claim_at:
+                    return True
             return True
         finally:
             wait.done()
-
-    def _blocked_too_long(self, j: int) -> bool:
-        """Forced idle behind lane j again: once the waits behind it add up to the ack
-        timeout, check its liveness as a long wait would (a wait bounded by a tick never gets
-        there): True when it is fenced off (dead, or stopped twice: killed). A check that
-        finds it alive counts as a wait for it (``alive_waits``)."""
-        cpu = self.cpu
-        t = now()
-        if j != self.blocked_by:
-            self.blocked_by, self.next_check = j, t + int(cpu.params.ack_timeout_ms * 1e6)
-            return False
-        if t < self.next_check or cpu.fenced_mask >> j & 1:
-            return bool(cpu.fenced_mask >> j & 1)
-        self.next_check = t + int(cpu.params.ack_timeout_ms * 1e6)
-        if cpu.check_liveness(j, Phase.CORESCHED):
-            return True
-        cpu.w[cpu.i_alive_waits + j] += 1
-        return False
 
     def _remove(self, j: int) -> None:
         """Lane j is fenced off: out of the core's record (its task and its claim)."""
@@ -300,7 +284,7 @@ class CoreSched:
                 w[self.i_want] = 0
             w[self.i_seq] += 1
             self.lock.release()
-        self.blocked_by = -1
+        self.blocked = None
 
     def stop_task(self) -> None:
         w = self.cpu.w
