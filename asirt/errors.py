@@ -67,9 +67,11 @@ class CheckFailed(AsirtError):
 
 class Corrupted(AsirtError):
     """A CPU found one of its own published words changed behind its back: the region was
-    written by someone who does not own the word (asirt.cpu.guard). Its worker leaves."""
+    written by someone who does not own the word (asirt.cpu.guard). Its worker leaves, with
+    ``worker_status``."""
 
     exit_code = 1
+    worker_status = 7
 
     def __init__(self, slot: int, word: str, wrote: int, found: int) -> None:
         super().__init__(slot, word, wrote, found)

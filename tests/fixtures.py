@@ -31,7 +31,6 @@ from asirt.mm.asi import Asi
 from asirt.mm.spaces import AddressSpaces
 from asirt.params import CpuParams, KvmParams
 from asirt.sync.barrier import SpinBarrier
-from asirt.sync import words
 from asirt.sync.stun import Stun
 from asirt.topology import Topology, read_topology, select_topology
 from shm_layout import Region, Section
@@ -105,12 +104,8 @@ def make_cpus(region: Region, slots: list[int] | int, params: CpuParams = FAST,
 
 def make_stuns(region: Region, n: int, protocol: str = "strict", params: CpuParams = FAST,
                domain: int = 1, mode: int | None = None) -> list[Stun]:
-    """One Stun per lane of core 0, on started CPUs, its words declared to the CPU's
-    corruption guard (as workers.context does)."""
-    stuns = [Stun(c, protocol) for c in make_cpus(region, n, params, domain, mode)]
-    for stun in stuns:
-        words.declare(stun)
-    return stuns
+    """One Stun per lane of core 0, on started CPUs."""
+    return [Stun(c, protocol) for c in make_cpus(region, n, params, domain, mode)]
 
 
 @contextlib.contextmanager

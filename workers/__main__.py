@@ -23,7 +23,7 @@ from shm_layout import AsirtError, Region, WorkerState
 from shm_layout.header import STOP_WORD
 from shm_layout.region import sem_wait
 
-EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START, EXIT_CORRUPT = 3, 4, 5, 6, 7
+EXIT_PROGRAM, EXIT_PIN, EXIT_ATTACH, EXIT_START = 3, 4, 5, 6   # 7: Corrupted.worker_status
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: how often a worker waiting at the start barrier looks whether its parent still lives (the
 #: parent bounds the start-up by its workers' progress: hundreds of them start one by one)
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         program.run(ctx, prepared)
     except Corrupted as err:
         w[state] = WorkerState.FAILED
-        w[ctx.slot_word(args.slot, "err")] = EXIT_CORRUPT
+        w[ctx.slot_word(args.slot, "err")] = err.worker_status
         print(f"worker cpu {args.cpu}: {err}", file=sys.stderr)
-        return EXIT_CORRUPT
+        return err.worker_status
     except BaseException:  # report any failure in the slot, details on stderr
         w[state] = WorkerState.FAILED
         w[ctx.slot_word(args.slot, "err")] = EXIT_PROGRAM

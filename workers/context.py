@@ -21,7 +21,6 @@ from asirt.histogram import recorder
 from asirt.params import CpuParams, DelayParams
 from asirt.sync.barrier import RendezvousBarrier, SpinBarrier, make_barrier
 from asirt.sync.corelock import CoreLock
-from asirt.sync import words
 from asirt.sync.stun import Stun
 from shm_layout import Region
 from shm_layout.header import STOP_WORD
@@ -74,11 +73,9 @@ class WorkerContext:
 
     def make_stun(self, p: CpuParams, protocol: str, delay: Callable[[], None] | None = None,
                   mode: int = 0, domain: int = 0) -> Stun:
-        """This worker's CPU with the stun handshake plugged in, its words declared to the
-        CPU's corruption guard (before READY: the signal transport's handler is installed
-        here, so that no early IPI is lost)."""
+        """This worker's CPU with the stun handshake plugged in (before READY: the signal
+        transport's handler is installed here, so that no early IPI is lost)."""
         stun = Stun(self.make_cpu(p, delay, mode, domain), protocol)
-        words.declare(stun)
         if p.transport == "signal":
             stun.cpu.transport.install_handler()
         return stun

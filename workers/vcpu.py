@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from asirt.kvm import strategy
-from asirt.kvm.backend import EmulatedGuest, GuestBackend
+from asirt.kvm.backend import REAL_METRICS, EmulatedGuest, GuestBackend
+from asirt.kvm.loop import METRICS as LOOP_METRICS
 from asirt.kvm.loop import VcpuLoop
-from asirt.kvm.profile import parse_toml
+from asirt.kvm.profile import Profile, parse_toml
 from asirt.kvm.vms import Memory
 from asirt.mm.asi import Asi
 from asirt.params import KvmParams
@@ -28,8 +29,7 @@ from workers.context import WorkerContext, make_delay
 from workers.stress import delay_fault
 
 PARAMS = KvmParams
-METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle",
-           "kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit")
+METRICS = LOOP_METRICS + REAL_METRICS
 
 
 def _backend(ctx: WorkerContext, stun: Stun, p: KvmParams, profile) -> GuestBackend:
@@ -41,23 +41,25 @@ def _backend(ctx: WorkerContext, stun: Stun, p: KvmParams, profile) -> GuestBack
     return EmulatedGuest(stun)
 
 
-def prepare(ctx: WorkerContext) -> tuple[Stun, GuestBackend]:
-    """Before the start barrier: the stun, and the guest backend (a real one measures and
-    calibrates here, and becomes kickable before any sibling runs)."""
+def prepare(ctx: WorkerContext) -> tuple[Stun, GuestBackend, Profile]:
+    """Before the start barrier: the stun, the guest backend (a real one measures and
+    calibrates here, and becomes kickable before any sibling runs), the profile."""
     p: KvmParams = ctx.params
     delay = make_delay(ctx.rng(p.seed), p.delays) if p.delays is not None else None
-    stun = ctx.make_stun(replace(p.cpu, domains=p.vms), strategy.get(p.strategy).protocol,
-                         delay)
+    # a real vCPU's siblings are kicked out of guest mode (asirt.sync.stun)
+    cpu_params = replace(p.cpu, domains=p.vms, kick=p.guest == "kvm")
+    stun = ctx.make_stun(cpu_params, strategy.get(p.strategy).protocol, delay)
     try:
-        return stun, _backend(ctx, stun, p, parse_toml(p.profile_toml, "the run's profile"))
+        profile = parse_toml(p.profile_toml, "the run's profile")
+        return stun, _backend(ctx, stun, p, profile), profile
     except BaseException:
         stun.cpu.close()
         raise
 
 
-def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
+def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend, Profile]) -> None:
     p: KvmParams = ctx.params
-    stun, backend = prepared
+    stun, backend, profile = prepared
     strat = strategy.get(p.strategy)
     cpu = stun.cpu
     try:
@@ -66,7 +68,7 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend]) -> None:
         try:
             cs = (CoreSched(cpu, lock, rec_forced=ctx.recorder("forced_idle"))
                   if lock is not None else None)
-            loop = VcpuLoop(stun, asi, strat, p, parse_toml(p.profile_toml, "the run's profile"),
+            loop = VcpuLoop(stun, asi, strat, p, profile,
                             Memory.find(asi, p.vms), backend,
                             SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
                             {m: ctx.recorder(m) for m in METRICS})

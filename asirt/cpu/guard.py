@@ -21,7 +21,7 @@ behind its back reports it and raises :class:`asirt.errors.Corrupted`: its worke
 (exit status 7) and its siblings fence it off as dead.
 
 Mechanisms declare their words: the CPU its mode, domain, seqlock and fence mask; the stun
-handshake its generation and acks (asirt.sync.words). A reader checks only what a sibling
+handshake its generation and acks (asirt.sync.stun.Stun). A reader checks only what a sibling
 wrote on its own: a sibling's ack of *this* CPU's requests, never its acks of a third lane,
 which may echo that lane's garbage.
 """

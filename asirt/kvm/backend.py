@@ -23,7 +23,10 @@ from asirt.cpu.checks import sample_leaks
 from asirt.sync.guest import guest_busy, guest_poll
 from asirt.sync.stun import Stun
 
-__all__ = ["GuestBackend", "EmulatedGuest", "SLICE_CHECK_EVERY", "SAMPLE_EVERY"]
+__all__ = ["GuestBackend", "EmulatedGuest", "SLICE_CHECK_EVERY", "SAMPLE_EVERY", "REAL_METRICS"]
+
+#: what a real guest (asirt.kvm.real) adds to the loop's metrics (asirt.kvm.loop.METRICS)
+REAL_METRICS = ("kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit")
 
 #: guest polls between clock reads: a slice ends within about a microsecond of its interval
 SLICE_CHECK_EVERY = 8

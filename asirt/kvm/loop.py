@@ -51,7 +51,10 @@ from asirt.sync.coresched import HOST_COOKIE, CoreSched
 from asirt.sync.stun import Stun
 from shm_layout.counters import COUNTER
 
-__all__ = ["VcpuLoop", "StunGivenUp", "is_interrupt"]
+__all__ = ["VcpuLoop", "StunGivenUp", "is_interrupt", "METRICS"]
+
+#: the histograms the loop records (a real guest adds asirt.kvm.real.REAL_METRICS)
+METRICS = ("exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle")
 
 
 def _nothing() -> None:

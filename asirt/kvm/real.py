@@ -52,13 +52,11 @@ from asirt.sync.stun import Stun
 from shm_layout import Region
 from shm_layout.cpu import LANE_DTYPE
 
-__all__ = ["KvmGuest", "EXIT_KINDS", "REAL_METRICS"]
+__all__ = ["KvmGuest", "EXIT_KINDS", "unfit"]
 
 assert KICK_SIGNAL == IPI_SIGNAL      # the stun's kick is the IPI the vCPU thread blocks
 #: the profile's ``kind`` of a reason -> the exit the guest makes for it
 EXIT_KINDS = {"io": ExitKind.IO, "mmio": ExitKind.MMIO, "hlt": ExitKind.HLT}
-#: what a real guest adds to the run's metrics
-REAL_METRICS = ("kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit")
 #: exit round trips of each kind measured at start
 ROUNDTRIPS = 200
 #: the work-loop calibration runs until one KVM_RUN takes at least this long

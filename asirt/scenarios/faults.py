@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from asirt.errors import WorkerFailed
+from asirt.errors import Corrupted, WorkerFailed
 from asirt.histogram import invalid
 from asirt.scenarios.common import Plan
 from shm_layout import Region
@@ -58,7 +58,8 @@ GARBAGE = -0x5A5A_5A5A_5A5A_5A5B
 DELAY_S, DELAY_AT = 0.5, 20
 #: how each fault's victim may end: the failure statuses it causes (WorkerFailed.status)
 _DEATHS = {"kill": ("was killed by SIGKILL",), "stop": ("was killed by SIGKILL",),
-           "corrupt": ("was killed by SIGKILL", "exited with status 7"), "delay": ()}
+           "corrupt": ("was killed by SIGKILL",
+                       f"exited with status {Corrupted.worker_status}"), "delay": ()}
 _FENCE = {"kill": "FENCE_DEAD", "stop": "FENCE_STOPPED"}
 
 
@@ -92,9 +93,6 @@ class Faults:
             plan.cores[i][victim_lane]].cpu, word if kind == "corrupt" else "")
             for i, kind in enumerate(kinds)]
         self.victims = {f.victim for f in self.faults}
-
-    def delay_victim(self, slot: int) -> bool:
-        return any(f.kind == "delay" and f.victim == slot for f in self.faults)
 
     # -- injection (the parent, during the run) -------------------------------------------
     def inject(self, slots: np.ndarray, region: Region | None) -> None:

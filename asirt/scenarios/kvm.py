@@ -31,7 +31,7 @@ from asirt import collect, histogram, orchestrator
 from asirt.errors import BadInput, FeatureMissing
 from asirt.kvm import profile as profiles
 from asirt.kvm import strategy as strategies
-from asirt.kvm import vm
+from asirt.kvm import backend, loop, vm
 from asirt.kvm import vms as vm_memory
 from asirt.kvmfloor import ExitFloor
 from asirt.orchestrator import RunSpec
@@ -48,9 +48,8 @@ from shm_layout import Region
 __all__ = ["METRICS", "REAL_METRICS", "GUESTS", "SWEEP_KEYS", "run_kvm", "count", "run",
            "parse_sweep", "parse_strategies", "check_options", "resolve_guest"]
 
-METRICS = ["exit_handling", "stun_roundtrip", "barrier_wait", "vm_cycle_overhead", "forced_idle"]
-#: what a real guest adds (asirt.kvm.real)
-REAL_METRICS = ["kvm_exit_roundtrip", "kvm_exit_mmio", "kvm_exit_hlt", "kick_to_exit"]
+METRICS = list(loop.METRICS)
+REAL_METRICS = list(backend.REAL_METRICS)
 GUESTS = ("auto", "kvm", "emulated")
 #: what --sweep may vary, and how a value changes the run
 SWEEP_KEYS = {
@@ -178,7 +177,7 @@ def _one(topo: Topology, strat: str, profile: profiles.Profile, opts: KvmOptions
     """One orchestrator run of one strategy (``opts.guest`` resolved: kvm or emulated)."""
     core_cpus = plan_cores(topo)
     real = opts.guest == "kvm"
-    params = KvmParams(CpuParams(transport=opts.transport, domains=opts.vms, kick=real), strat,
+    params = KvmParams(CpuParams(transport=opts.transport), strat,
                        profiles.to_toml(profile), opts.seed, opts.gadgets, opts.vms,
                        opts.tick_ms, opts.host_share, opts.stun_at, opts.interrupts,
                        guest=opts.guest)

@@ -265,7 +265,7 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
     core_cpus = plan_cores(topo, lanes_per_core, workers, min_cores=max(1, len(faults)))
     real = guest == "kvm"
     params = KvmParams(
-        CpuParams(transport=transport, domains=vms, kick=real), strat.name,
+        CpuParams(transport=transport), strat.name,
         profiles.to_toml(profiles.load(profile)), seed, gadgets, vms, guest=guest,
         delays=(delay_params or DelayParams()) if delays else None, shootdowns=shootdowns,
         audit=True)

@@ -45,12 +45,13 @@ from typing import Callable
 
 from asirt.clock import now
 from asirt.cpu import ASI, GUEST, HOST, IDLE, Cpu
+from asirt.cpu.guard import NO_LIMIT
 from asirt.cpu.transport import IPI_SIGNAL
 from asirt.cpu.wait import Outcome
 from asirt.fence import fence
 from asirt.proc import tgkill
 from shm_layout.counters import COUNTER
-from shm_layout.cpu import EventKind, Phase, Source
+from shm_layout.cpu import EventKind, Phase, Source, Word
 
 __all__ = ["Protocol", "PROTOCOL", "PROTOCOLS", "BROKEN_PROTOCOLS", "ALL_PROTOCOLS",
            "SAFE_PROTOCOLS", "Stun"]
@@ -123,6 +124,18 @@ class Stun:
         #: optional histogram recorders (asirt.histogram.recorder), set by the worker
         self.rec_resume: Callable[[int], None] | None = None
         self.rec_exposure: Callable[[int], None] | None = None
+        self._declare_words()
+
+    def _declare_words(self) -> None:
+        """Its published words, to the CPU's corruption guard (asirt.cpu.guard): a sibling's
+        generation and its acks of this CPU's requests are never negative, and this CPU's own
+        hold what it last wrote (``g``, ``acked``)."""
+        guard, acked = self.cpu.guard, self.acked
+        guard.declare(Word.GEN, self.s_gen, 0, NO_LIMIT)
+        guard.declare(Word.ACK, self.s_ack_me, 0, NO_LIMIT)
+        guard.mine(Word.GEN, self.i_gen, lambda: self.g)
+        for k, i in enumerate(self.my_ack_of):
+            guard.mine(Word.ACK, i, lambda k=k: acked[k])
 
     # -- target side ------------------------------------------------------------------------
     def pending(self) -> bool:
