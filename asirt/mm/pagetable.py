@@ -157,10 +157,8 @@ class PageTables:
     def __enter__(self) -> "PageTables":
         if not self.lock.try_acquire():
             self._acquire_slow()
-        q = self.q
-        q[self.lock_pid] = os.getpid()
-        if q[self.seq] & 1:          # the last holder died in a change (module docstring)
-            q[self.seq] += 1
+        self.q[self.lock_pid] = os.getpid()
+        self._close_seq()            # the last holder may have died in a change (docstring)
         return self
 
     def _acquire_slow(self) -> None:
@@ -186,10 +184,14 @@ class PageTables:
                                   time.monotonic() - start)
 
     def __exit__(self, *exc: object) -> None:
-        if self.q[self.seq] & 1:     # an exception inside a change: close the seqcount
-            self.q[self.seq] += 1
+        self._close_seq()            # an exception inside a change
         self.q[self.lock_pid] = 0
         self.lock.release()
+
+    def _close_seq(self) -> None:
+        """With the lock held: end a change nobody will end (the seqcount even again)."""
+        if self.q[self.seq] & 1:
+            self.q[self.seq] += 1
 
     def _begin(self) -> None:
         self.q[self.seq] += 1
@@ -237,8 +239,7 @@ class PageTables:
             waited = time.monotonic() - self._seq_start
             if waited > SEQ_RECOVER_S and self.q[self.seq] & 1 and self.lock.try_acquire():
                 try:                 # odd, and nobody holds the lock: its writer died
-                    if self.q[self.seq] & 1:
-                        self.q[self.seq] += 1
+                    self._close_seq()
                 finally:
                     self.lock.release()
             elif waited > SEQ_TIMEOUT_S:
