@@ -653,6 +653,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         active = [lo for lo in [*list_leftovers(), *floors]
                   if lo.status is Status.ACTIVE and lo.kind != "semaphore"]
         if active:
+            for lo in floors:              # what plain cleanup removed already: say so
+                if lo.removed:
+                    _out(_cleanup_line(lo))
             raise BadInput("cleanup --all", f"{len(active)} asirt run(s) are active ("
                            + ", ".join(f"{lo.ipc_name}, pid {lo.creator_pid}" for lo in active)
                            + "): --all would break them",
