@@ -19,9 +19,9 @@ A sweep (``--sweep``) repeats the blocks per swept value.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
-from asirt.results import fmt_ns
+from asirt.results import fmt_ns, render
 
 __all__ = ["format_strategies"]
 
@@ -40,18 +40,6 @@ def _num(x: float | None) -> str:
     if x >= 100_000:
         return f"{x / 1000:,.0f}k"
     return f"{x:,.0f}"
-
-
-
-
-def _render(head: list[str], rows: list[list[str]], right: Iterable[int]) -> str:
-    right = set(right)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _verdict(s: dict[str, Any]) -> str:
@@ -102,14 +90,14 @@ def _blocks(group: list[dict[str, Any]]) -> list[str]:
         four.append([s["strategy"], *(f"{100 * t[key]:.1f}" if key in t else "-"
                                       for key, _ in _TIME)])
     return [
-        _render(["strategy", "guest", "x none", "entries/s/vCPU", "restricted", "stuns/s",
+        render(["strategy", "guest", "x none", "entries/s/vCPU", "restricted", "stuns/s",
                  "flushes/s", "stunned+forced idle"], one, range(1, 8)),
-        _render(["strategy", "claims safety", "leaks/s host", "leaks/s other VM", "S1", "S2",
+        render(["strategy", "claims safety", "leaks/s host", "leaks/s other VM", "S1", "S2",
                  "S3", "gadget hits", "verdict"], two, range(2, 8)),
-        _render(["strategy", "exit p50", "exit p99", "stun p50", "stun p99", "barrier p50",
+        render(["strategy", "exit p50", "exit p99", "stun p50", "stun p99", "barrier p50",
                  "barrier p99", "ovhd p50", "x ref"], three, range(1, 9)),
         "where each lane's time goes (%):\n"
-        + _render(["strategy", *(h for _, h in _TIME)], four, range(1, len(_TIME) + 1)),
+        + render(["strategy", *(h for _, h in _TIME)], four, range(1, len(_TIME) + 1)),
     ]
 
 

@@ -19,7 +19,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -225,11 +225,14 @@ TABLE_COUNTERS = ("cpu.transitions", "kvm.cycles", "violations", "check.leaks",
                   "asi.shootdowns_sent")
 
 
-def _render(head: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns as wide as their widest cell, a dashed rule under the head."""
+def render(head: list[str], rows: list[list[str]], right: Iterable[int] = ()) -> str:
+    """Columns as wide as their widest cell (left-aligned, those in ``right`` right-aligned),
+    a dashed rule under the head."""
+    right = set(right)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [head, ["-" * w for w in widths], *rows]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
                      for r in lines)
 
 
@@ -269,7 +272,7 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
         if s.get("unsafe"):
             rows.append([*where, "FAILED", f"{s['counters'].get('violations', 0)} violations "
                          "under a variant that claims safety", *[""] * 6])
-    return _render(head, rows)
+    return render(head, rows)
 
 
 def _fault_seen(f: dict[str, Any]) -> str:
@@ -316,7 +319,7 @@ def format_comparison(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
                          fmt_ns(ma["p99"]), fmt_ns(mb["p99"]), _ratio(mb["p99"], ma["p99"])])
     if not rows:
         return "no entry appears in both runs"
-    return _render(head, rows)
+    return render(head, rows)
 
 
 # What report and compare read from result.json, checked on load so that a file of another
