@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asirt.results import fmt_ns, render
+from asirt.results import fmt_ns, render, unsafe_of
 
 __all__ = ["format_strategies"]
 
@@ -47,7 +47,7 @@ def _verdict(s: dict[str, Any]) -> str:
         return "FAILED"
     if s.get("problems"):
         return "NOT EARNED"
-    if s.get("unsafe"):
+    if unsafe_of(s):
         return "UNSAFE"
     return "ok"
 

@@ -79,6 +79,13 @@ class Entry:
         return bool(self.claims_safety and (self.counters.get("violations") or self.leaks))
 
 
+def unsafe_of(s: dict[str, Any]) -> bool:
+    """A result.json entry's unsafe verdict (:attr:`Entry.unsafe`), also for files written
+    before it was stored."""
+    return bool(s.get("unsafe", s.get("claims_safety") and s.get("counters", {}).get(
+        "violations")))
+
+
 def label_of(scenario: str, strategy: str, transport: str, cpus: list[int],
              tag: str = "") -> str:
     """An entry's name in its run directory (its .hgrm files): unique within a run."""
@@ -269,7 +276,7 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             rows.append([*where, "FAILED", f, *[""] * 6])
         for p in s.get("problems", []):
             rows.append([*where, "FAILED", p, *[""] * 6])
-        if s.get("unsafe"):
+        if unsafe_of(s):
             rows.append([*where, "FAILED", f"{s['counters'].get('violations', 0)} violations "
                          "under a variant that claims safety", *[""] * 6])
     return render(head, rows)
