@@ -56,7 +56,14 @@ def _bench(ctx: WorkerContext, stun: Stun, barrier) -> None:
     def turn_or_stop() -> bool:
         return w[STOP_WORD] != 0 or (now() - start) // slice_ns % n == lane
 
-    while not w[STOP_WORD]:
+    # ``while True``, not ``while not w[STOP_WORD]``: CPython 3.11 specializes a function's
+    # bytecode once it has been called, or has jumped back unconditionally, 8 times. This
+    # function is called once, and a loop whose test sits at its bottom jumps back
+    # conditionally: it would time every round trip through unspecialized calls and loads
+    # (about 70 ns more; bench/ab_stun.sh shows it).
+    while True:
+        if w[STOP_WORD]:
+            break
         if my_turn():
             cpu.safepoint()
             # request -> may enter HOST, the same end for both protocols: strict has every

@@ -148,21 +148,21 @@ class State:
         True: the caller runs P1/P2. Every ``check_every`` polls ``checkpoint()``; what it
         returns other than None ends the wait (False: still in GUEST). The same stores, in the
         same order, as :meth:`stunned` (tests/test_state.py checks the two agree)."""
-        w, im, imode = self.w, self.i_mseq, self.i_mode
+        w, im, imode, stunned = self.w, self.i_mseq, self.i_mode, STUNNED
         s0 = acked[j]          # an odd generation we have not acked differs from it: pending
+        s = self.mseq + 1      # the seqlock's next value, ready (only a checkpoint changes it)
         n = 0
         while True:
             g = w[gen]
             if g != s0:
                 if g & 1 and g != acked[j]:
-                    acked[j] = g
-                    s = self.mseq + 1
                     w[im] = s
-                    w[imode] = STUNNED
+                    w[imode] = stunned
                     if park_word >= 0:
                         w[park_word] = now()
                     w[ack] = g
                     w[im] = s + 1
+                    acked[j] = g
                     self._stunned_after(s + 1)
                     return True
                 s0 = g
@@ -172,6 +172,7 @@ class State:
                 r = checkpoint()
                 if r is not None:
                     return r
+                s = self.mseq + 1
 
     def _stunned_after(self, mseq: int) -> None:
         """The bookkeeping of a park, after the stores the siblings wait for."""
