@@ -75,7 +75,7 @@ class _Reference:
 
 def _sem_pair(region) -> Callable[[], None]:
     """One acquire+release of an uncontended POSIX semaphore (DESIGN.md: ~0.1 us)."""
-    sem = region.semaphore("bench-reference", 1)
+    sem = region.semaphore("bench_reference", 1)
     acquire, release = sem.acquire, sem.release
 
     def pair() -> None:

@@ -78,7 +78,7 @@ class _SemaphorePairs:
     timed as one round before each benchmark round (pass it as ``setup``)."""
 
     def __init__(self, region) -> None:
-        sem = region.semaphore("bench-reference", 1)
+        sem = region.semaphore("bench_reference", 1)
         self.acquire, self.release, self.ns = sem.acquire, sem.release, []
 
     def __call__(self) -> None:
