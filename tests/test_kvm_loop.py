@@ -9,6 +9,7 @@ import pytest
 from asirt.cpu import ASI, GUEST, HOST, IDLE
 from asirt.cpu.checks import sample_leaks
 from asirt.kvm import strategy
+from asirt.kvm.lane import Lane
 from asirt.sync.barrier import Result
 from tests.fixtures import close_loops, counter, cpu_region, make_loops, mode_of
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 def _run(loop, seconds: float) -> None:
     end = time.monotonic() + seconds
     loop.start()
-    loop.run(lambda: time.monotonic() > end)
+    Lane(loop).run(lambda: time.monotonic() > end)
 
 
 @pytest.mark.parametrize("name", strategy.NAMES)
@@ -154,7 +155,7 @@ def test_a_lane_going_idle_leaves_no_vm_data_for_its_sibling(name, how):
             if how == "stop":
                 a.stop()
             else:
-                a._go_idle()
+                a.go_idle()
             assert mode_of(a.cpu) == IDLE and a.stun.g % 2 == 0 and not a.stun_held
             assert b.cpu.buffer.dirty_for(2) is None
         finally:
@@ -190,9 +191,9 @@ def test_a_sibling_between_its_b1_and_b3_never_enters_over_an_idling_lane_s_data
                     if preempted:
                         a.state.flush = flush_never_comes
                         with pytest.raises(Preempted):
-                            a._go_idle()
+                            a.go_idle()
                     else:
-                        a._go_idle()
+                        a.go_idle()
             b.cpu.dl = between_b1_and_b3
             res = b.barrier.enter(10**9 if not preempted else 50_000_000)
             b.cpu.dl = None

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from asirt.kvm import strategy
 from asirt.kvm.backend import REAL_METRICS, EmulatedGuest, GuestBackend
+from asirt.kvm.lane import Lane
 from asirt.kvm.loop import METRICS as LOOP_METRICS
 from asirt.kvm.loop import VcpuLoop
 from asirt.kvm.profile import Profile, parse_toml
@@ -78,7 +79,7 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend, Profile]) -> Non
             started = loop.start()
             try:
                 if started:
-                    loop.run(ctx.stop_requested)
+                    Lane(loop).run(ctx.stop_requested)
             finally:
                 loop.stop()
                 ctx.words[ctx.slot_word(ctx.slot, "samples")] = ctx.words[cpu.c("kvm.cycles")]

@@ -18,7 +18,7 @@ Per cycle (one VM exit and entry):
    ``to_user`` the exit goes to the user-space VMM first, which leaves ASI. Back in the
    restricted tree (asi_enter: flush if tainted, the enter hook releases the siblings).
 
-Around the cycles a tick scheduler (:meth:`VcpuLoop.run`) multiplexes one vCPU of each VM on
+Around the cycles a tick scheduler (asirt.kvm.lane) multiplexes one vCPU of each VM on
 the lane, switching VMs only in HOST; with ``host_share`` a tick runs a host task (kernel work
 on secrets, cookie 0) instead; a lane SMT-off keeps idle. Strategies with cookies run each
 vCPU as a core-scheduled task (forced idle beside another cookie, yielding to a patient
@@ -31,7 +31,6 @@ and the handler time the profile drew (a HLT's halt included).
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Callable
 
@@ -47,7 +46,7 @@ from asirt.mm.asi import Asi
 from asirt.mm.spaces import AsiClassId
 from asirt.params import KvmParams
 from asirt.sync.barrier import Result, SpinBarrier
-from asirt.sync.coresched import HOST_COOKIE, CoreSched
+from asirt.sync.coresched import CoreSched
 from asirt.sync.stun import Stun
 from shm_layout.counters import COUNTER
 
@@ -125,7 +124,6 @@ class VcpuLoop:
         self.left = False               # this exit left the restricted space
         self.t_exit = 0                 # the last VM exit's time (0: the cycle chain broke)
         self.owed = 0                   # drawn work since then: guest interval, handler time
-        self.prefer = 0                 # a VM whose vCPU to run next (a sibling runs it)
         if strategy.restricted:
             asi.set_hooks(AsiClassId.KVM, on_enter=self._unstun_hook, on_exit=self._stun_hook)
 
@@ -324,13 +322,13 @@ class VcpuLoop:
         d = self.state.dom
         w = self.w
         w[self.c["halts"]] += 1
-        self._go_idle()
+        self.go_idle()
         t0 = now()
         self.cpu.idle_wait(ns)
         w[self.c["halt_ns"]] += now() - t0
-        self._kernel(_nothing, d)
+        self.kernel(_nothing, d)
 
-    def _go_idle(self) -> None:
+    def go_idle(self) -> None:
         """To the idle task (State.go_idle: IDLE keeping the domain, the flush, domain 0),
         then the release of a stun this lane holds (R7; its flush is done)."""
         st = self.strat
@@ -338,88 +336,8 @@ class VcpuLoop:
         if self.stun_held:
             self._release()
 
-    # -- the tick scheduler -------------------------------------------------------------------
-    def run(self, until: Callable[[], bool]) -> None:
-        """The lane's life: ticks of one vCPU, a host task, or idle, until ``until()``."""
-        p, st, cpu = self.p, self.strat, self.cpu
-        w, c = self.w, self.c
-        tick = int(p.tick_ms * 1e6)
-        vms = list(range(1, p.vms + 1))
-        k = cpu.lane % len(vms)                # lanes start on different VMs
-        t_start = now()
-        idle_lane = st.one_lane and cpu.lane > 0
-        # core-wide selection: where VM placement matters (a barrier's B3, cookies), a lane
-        # runs the VM its lowest sibling runs, as the kernel's core scheduler picks one cookie
-        follow = st.barrier or st.cookies
-        try:
-            while not until():
-                end = now() + tick
-                try:
-                    if idle_lane:
-                        self._idle(end)
-                    elif self.rng.random() < p.host_share:
-                        self._host_task(end)
-                    else:
-                        d = self.prefer or (follow and self._leader_vm()) or vms[k % len(vms)]
-                        self.prefer = 0
-                        k += 1
-                        self._run_vcpu(d, end, until)
-                except StunGivenUp:
-                    # released unused (asirt.sync.stun): nothing sensitive ran; the run is
-                    # stopping, or a live sibling never answered (stun.aborts counts it)
-                    self.stun_held = False
-                cpu.publish_progress()
-        finally:
-            w[c["wall_ns"]] += now() - t_start
-
-    def _admit(self, cookie: int, end: int) -> bool:
-        """Core scheduling: may a task of ``cookie`` run here now? When not at once, the lane
-        is forced idle -- the idle task runs, nothing of ours is held -- until it may or the
-        tick ends (False)."""
-        cs = self.cs
-        if cs is None or cs.run_task(cookie, 0):
-            return True
-        self._go_idle()
-        return cs.run_task(cookie, max(end - now(), 0))
-
-    def _run_vcpu(self, d: int, end: int, until: Callable[[], bool]) -> None:
-        cs = self.cs
-        if not self._admit(d, end):
-            return
-        try:
-            self._switch(d)
-            self.t_exit = 0
-            while now() < end and not until():
-                r = self.cycle(end)
-                if r == Result.DOMAIN:
-                    lead = self._leader_vm()
-                    if lead:                   # a lower lane runs another VM: follow it
-                        self.prefer = lead
-                        break
-                    self.cpu.safepoint()       # we lead: the others follow; wait for them
-                    os.sched_yield()
-                elif r in (Result.STOP, Result.TIMEOUT):
-                    break
-                if cs is not None and cs.yield_now:
-                    break
-        finally:
-            if cs is not None:
-                cs.stop_task()
-
-    def _leader_vm(self) -> int:
-        """The VM of the lowest lane that runs one other than ours, if that lane is below ours
-        (0: we lead, or nobody runs another). One lane decides, so two lanes never chase each
-        other's VM."""
-        cpu, mine = self.cpu, self.state.dom
-        for j in sorted(cpu.live):
-            if j > cpu.lane:
-                break
-            e = cpu.w[cpu.s_dom[j]]
-            if 0 < e <= self.p.vms and e != mine:
-                return e
-        return 0
-
-    def _switch(self, d: int) -> None:
+    # -- into the kernel and out ----------------------------------------------------------------
+    def switch(self, d: int) -> None:
         """Run VM ``d``'s vCPU next: a domain change, only in HOST (module docstring)."""
         state = self.state
         if state.dom == d:
@@ -427,9 +345,9 @@ class VcpuLoop:
                 self.asi.asi_enter(self.mem.instance[d])
             return
         self.w[self.c["switches"]] += 1
-        self._kernel(lambda: state.set_domain(d), d)
+        self.kernel(lambda: state.set_domain(d), d)
 
-    def _kernel(self, work: Callable[[], None], d: int) -> None:
+    def kernel(self, work: Callable[[], None], d: int) -> None:
         """Sensitive kernel work (a VM switch, a host task): into HOST the strategy's way, the
         work, back out towards VM ``d``'s entry."""
         st, state = self.strat, self.state
@@ -447,39 +365,6 @@ class VcpuLoop:
             state.set_domain(d)
         if st.restricted:
             self.asi.asi_enter(self.mem.instance[d])     # flush, unstun (hook)
-
-    def _host_task(self, end: int) -> None:
-        """A tick of kernel work on host secrets (cookie 0), the strategy's way into HOST."""
-        cs, state = self.cs, self.state
-        if not self._admit(HOST_COOKIE, end):
-            return
-        d = state.dom or 1
-        w = self.w
-        w[self.c["host_tasks"]] += 1
-        t0 = now()
-        try:
-            def work() -> None:
-                state.set_domain(0)
-                sp, secrets, rng = self.cpu.safepoint, self.mem.secrets, self.rng
-                while now() < end:
-                    self.asi.access(rng.choice(secrets))
-                    for _ in range(WORK_POLLS):
-                        sp()
-                state.set_domain(d)
-            self._kernel(work, d)
-        finally:
-            w[self.c["host_ns"]] += now() - t0
-            if cs is not None:
-                cs.stop_task()
-
-    def _idle(self, end: int) -> None:
-        """Nothing to run on this lane (SMT off): idle in the kernel, woken by IPIs."""
-        self._go_idle()
-        t0 = now()
-        left = end - t0
-        if left > 0:
-            self.cpu.idle_wait(left)
-        self.w[self.c["idle_ns"]] += now() - t0
 
     def start(self) -> bool:
         """Bring the lane up from IDLE: online (the kernel ran before us: HOST), under a stun
@@ -509,7 +394,7 @@ class VcpuLoop:
         return True
 
     def stop(self) -> None:
-        """Leave the core cleanly: out of GUEST, idle, flushed and released (:meth:`_go_idle`).
+        """Leave the core cleanly: out of GUEST, idle, flushed and released (:meth:`go_idle`).
         Never into HOST on the way out: the run is stopping, so no stun can be waited for, and
         a sibling may still be in GUEST (the hooks come off first, so nothing asks for one)."""
         state = self.state
@@ -517,5 +402,5 @@ class VcpuLoop:
             self.asi.set_hooks(AsiClassId.KVM)
         if state.mode == GUEST:
             state.exit_guest(ASI)
-        self._go_idle()                        # IDLE, flushed, released
+        self.go_idle()                        # IDLE, flushed, released
         self.asi.offline()
