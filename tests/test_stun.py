@@ -410,3 +410,17 @@ def test_baselines_and_the_bench_registry_adapter():
     entries = list(run_scenario(topo, opts))
     assert [(x.strategy, x.transport) for x in entries] == [("strict", "sem"), ("naive", "sem")]
     assert all("baseline" not in x.extra for x in entries)
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="CPython 3.11's specialization")
+def test_the_benchmark_loop_is_closed_by_an_unconditional_jump():
+    """workers/stun.py's benchmark runs its loop in a function called once: CPython 3.11
+    specializes that bytecode only after 8 unconditional backward jumps, so a loop closed by
+    its own test (``while not stop:``) would time every round trip unspecialized (about 70 ns
+    more here, bench/ab_stun.sh). Its outermost loop must end in JUMP_BACKWARD."""
+    import dis
+
+    import workers.stun
+    back = [i for i in dis.get_instructions(workers.stun._bench) if "BACKWARD" in i.opname]
+    assert back, "no loop in workers.stun._bench?"
+    assert max(back, key=lambda i: i.offset).opname == "JUMP_BACKWARD"
