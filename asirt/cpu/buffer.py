@@ -92,7 +92,9 @@ class CoreBuffer:
         self.head, self.oseq, self.open_tok = w[self.i_head], w[self.i_oseq], w[self.i_open]
         l1d = w[region.word_index("core_buf", core, "l1d_bytes")] or DEFAULT_L1D
         self.l1d_bytes = l1d
-        self._evict = np.zeros(l1d // 8, np.int64)   # one L1D of this process's own memory
+        # one L1D of this process's own memory, a word of each line: what a flush reads
+        self._evict = np.ones(l1d // 8, np.int64)[:: LINE // 8]
+        self.lines_read = 0                           # by the last flush
         self._plans: dict[tuple[int, int], list] = {}  # dirty_for's reads, per domain
         self._seen_head = [0] * n                     # incremental sampling (see new_leaks)
         self._seen_open = [0] * n                     # the open period last reported, per lane
@@ -145,14 +147,16 @@ class CoreBuffer:
             self.w[self.i_open] = 0
 
     def flush(self, fenced: int) -> None:
-        """Clear every lane as of now, and evict: read and write each line of one L1D.
+        """Clear every lane as of now, and evict: read each line of one L1D, as KVM's software
+        L1D flush does (vmx_l1d_flush: loads only, no line is dirtied).
         ``fenced``: the lanes any sibling has fenced off (their open period is covered)."""
         w, lanes, marks, pcover = self.w, self.lanes, self.i_marks, self.i_pcover
         for s in range(self.nlanes):
             w[marks + s] = w[lanes[s] + _HEAD]
             if fenced >> s & 1:
                 w[pcover + s] = w[lanes[s] + _OSEQ]
-        self._evict[:: LINE // 8] += 1
+        # a load of every line (a word of each is 1: the sum counts them), displacing the rest
+        self.lines_read = int(self._evict.dot(self._evict))
 
     # -- reading (any lane: the evidence) -----------------------------------------------------
     def _low(self, s: int) -> int:
