@@ -94,7 +94,6 @@ class CoreBuffer:
         self.l1d_bytes = l1d
         # one L1D of this process's own memory, a word of each line: what a flush reads
         self._evict = np.ones(l1d // 8, np.int64)[:: LINE // 8]
-        self.lines_read = 0                           # by the last flush
         self._plans: dict[tuple[int, int], list] = {}  # dirty_for's reads, per domain
         self._seen_head = [0] * n                     # incremental sampling (see new_leaks)
         self._seen_open = [0] * n                     # the open period last reported, per lane
@@ -155,8 +154,7 @@ class CoreBuffer:
             w[marks + s] = w[lanes[s] + _HEAD]
             if fenced >> s & 1:
                 w[pcover + s] = w[lanes[s] + _OSEQ]
-        # a load of every line (a word of each is 1: the sum counts them), displacing the rest
-        self.lines_read = int(self._evict.dot(self._evict))
+        self._evict.dot(self._evict)             # a load of every line: displaces the rest
 
     # -- reading (any lane: the evidence) -----------------------------------------------------
     def _low(self, s: int) -> int:

@@ -77,7 +77,6 @@ class Lane:
             return
         try:
             loop.switch(d)
-            loop.t_exit = 0
             while now() < end and not until():
                 r = loop.cycle(end)
                 if r == Result.DOMAIN:

@@ -338,7 +338,9 @@ class VcpuLoop:
 
     # -- into the kernel and out ----------------------------------------------------------------
     def switch(self, d: int) -> None:
-        """Run VM ``d``'s vCPU next: a domain change, only in HOST (module docstring)."""
+        """Run VM ``d``'s vCPU next: a domain change, only in HOST (module docstring). The
+        cycle chain starts again: the time since the last exit is not this vCPU's overhead."""
+        self.t_exit = 0
         state = self.state
         if state.dom == d:
             if self.strat.restricted and self.asi.current == 0:
