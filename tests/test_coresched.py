@@ -164,6 +164,23 @@ def test_a_dead_sibling_holding_its_task_is_fenced_by_the_short_waits_behind_it(
         ca.stop_task()
 
 
+def test_a_live_sibling_that_stops_its_task_clears_the_suspicion_of_the_waits_behind_it():
+    """The waits behind one lane add up only while it keeps its task: once it stops it (alive,
+    making progress), a later wait behind it starts afresh -- no timeout, no liveness check of
+    a healthy sibling, and the wait's phase published again."""
+    with cpu_region(2) as r:
+        a, b, ca, cb = _scheds(r, patience_ns=10**9)
+        for _ in range(2):
+            assert cb.run_task(7) is True
+            assert ca.run_task(9, max_wait_ns=2_000_000) is False    # forced idle, a tick
+            cb.stop_task()                                           # the sibling moves on
+            assert ca.run_task(9, 0) is True
+            ca.stop_task()
+            time.sleep(a.params.ack_timeout_ms * 2e-3)               # past the ack timeout
+        assert counter(a, "cpu.timeouts") == 0
+        assert counter(a, "cpu.fenced") == 0
+
+
 # -- kernel core scheduling ------------------------------------------------------------------
 
 def test_kcs_drops_to_the_host_cookie_for_sensitive_code_only():

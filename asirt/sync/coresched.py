@@ -164,7 +164,8 @@ class CoreSched:
         # forced idle behind one sibling in many short waits, each bounded by a tick (shorter
         # than the ack timeout; runs of its cookie between them do not clear the suspicion: a
         # dead sibling's task blocks every other cookie for good): one Wait for them all, so
-        # that their sum reaches the waiter's liveness check
+        # that their sum reaches the waiter's liveness check -- until the core record shows
+        # that sibling's task stopped (it is alive: run_task drops the Wait)
         self.blocked: Wait | None = None
         self.c_tasks = cpu.c("coresched.tasks")
         self.c_forced, self.c_forced_ns = cpu.c("coresched.forced_idle"), cpu.c(
@@ -197,6 +198,9 @@ class CoreSched:
                 return False
             running = w[self.i_running] & ~self.bit
             core_cookie, want = w[self.i_cookie], w[self.i_want]
+            b = self.blocked
+            if b is not None and (b.lane < 0 or not running >> b.lane & 1):
+                self.blocked = None         # it stopped its task: alive, the suspicion ends
             if (running == 0 or core_cookie == cookie) and (want == 0 or want == mine):
                 if core_cookie != cookie:
                     w[self.i_switches] += 1
@@ -256,6 +260,8 @@ class CoreSched:
             wait = self.blocked = cpu.waiter.begin(lane, Phase.CORESCHED, deadline)
         else:
             wait.deadline = deadline
+            if wait.start:                 # waiting again: where it waits shows again
+                w[cpu.i_phase] = Phase.CORESCHED
         n, limit = 0, cpu.waiter.limit
         try:
             while w[self.i_seq] == seq:
