@@ -182,7 +182,7 @@ def test_real_vcpus_under_stress_and_a_kill(tmp_path):
     (["--profile", "default"], "--profile"),
     (["--strategy", "all,none"], "combines 'all' with other names"),
     (["--strategy", "asi", "--seed=-1"], "--seed -1"),
-    (["--strategy", "asi", "--guest", "kvm", "--topology", "emulated:4"], "--guest kvm"),
+    (["--strategy", "asi", "--guest", "kvm", "--topology", "emulated:4"], "a core of 4 lanes"),
 ])
 def test_bad_stress_strategy_input_exits_2(tmp_path, args, needle):
     length = [] if "--transitions" in args else ["--duration", "1"]
@@ -190,3 +190,17 @@ def test_bad_stress_strategy_input_exits_2(tmp_path, args, needle):
     assert res.returncode == 2, res.stdout + res.stderr
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert not os.listdir(tmp_path)                     # nothing half-written
+
+
+def test_stress_strategy_falls_back_to_the_emulated_guest_where_kvm_is_missing(tmp_path):
+    """The default ``--guest auto`` on a host without KVM: the run goes on emulated and says
+    why (the tests above that leave out --guest need KVM, so CI without it would never run
+    this path)."""
+    env = {**os.environ, "ASIRT_KVM_DEVICE": str(tmp_path / "missing")}
+    res = subprocess.run([sys.executable, "-m", "asirt", "stress", "--strategy", "none",
+                          "--duration", "1", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=200, env=env)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "guest emulated: --guest auto: no usable KVM" in out
+    assert "stress    none" in res.stdout and "Traceback" not in out

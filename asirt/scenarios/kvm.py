@@ -152,12 +152,12 @@ def resolve_guest(choice: str, transport: str, path: str = vm.DEFAULT_PATH,
               if os.environ.get("ASIRT_KVM_DEVICE") else "")
     layout = unfit(lanes_per_core, nreasons)
     if choice == "kvm":
+        if layout is not None:           # the run's own shape first: true on any host
+            raise BadInput("--guest kvm", layout, "run with --guest emulated, or cores of "
+                           "two (--topology emulated:2) and a profile of at most 256 reasons")
         if not support.usable:
             raise FeatureMissing("a usable KVM for --guest kvm", support.reason + device,
                                  "run with --guest emulated, or --guest auto to fall back")
-        if layout is not None:
-            raise BadInput("--guest kvm", layout, "run with --guest emulated, or cores of "
-                           "two (--topology emulated:2) and a profile of at most 256 reasons")
         if transport == "signal":
             raise BadInput("--transport signal", "cannot drive real vCPUs: its IPI signal is "
                            "what kicks a vCPU out of guest mode", "use --transport spin or sem")
