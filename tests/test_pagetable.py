@@ -118,6 +118,19 @@ def test_free_tree_frees_only_own_tables(pt):
         assert pt.free_tables() == free + 4 and pt.meta["state"][shared] == 1
 
 
+def test_a_walk_inside_its_own_change_does_not_take_it_for_a_dead_writers(pt):
+    """The OFD lock never refuses the description that holds it: a walk by the holder itself,
+    on its own odd seqcount, must leave the change alone (it would end it half-way)."""
+    with pt:
+        pt._begin()                                  # mid-change, the lock held
+        pt._seq_wait(65)
+        pt._seq_start -= 1.0                         # long past SEQ_RECOVER_S
+        pt._seq_wait(66)
+        assert pt.q[pt.seq] & 1                      # still the holder's change
+        pt._end()
+    assert pt.q[pt.seq] % 2 == 0
+
+
 def test_lock_is_exclusive_and_released_on_error(pt, aregion):
     with pytest.raises(RuntimeError):
         with pt:

@@ -50,7 +50,9 @@ _NVALID = PTMETA_DTYPE.fields["nvalid"][1] // 8
 
 LOCK_TIMEOUT_S = 10.0     # a holder this slow is dead or stopped: say who it is
 SEQ_TIMEOUT_S = 10.0
-SEQ_RECOVER_S = 0.01      # an odd seqcount this old with the lock free: its writer died
+#: how long a walk spins on an odd seqcount before it tries the lock: a rate limit on that
+#: fcntl, not evidence (what shows the writer died is that its lock could be taken)
+SEQ_RECOVER_S = 0.01
 
 
 def make_pte(pfn: int, flags: int = PRESENT | WRITABLE | NX) -> int:
@@ -145,6 +147,7 @@ class PageTables:
         self.mbase = word(region, "asi_ptmeta", 0)
         self.seq = word(region, "asi_ctl", 0, "seq")
         self.lock_pid = word(region, "asi_ctl", 0, "lock_pid")
+        self.held = False                     # this instance holds the lock (in a change)
         self.meta = region.array("asi_ptmeta")
         self.tables = region.array("asi_tables")
 
@@ -157,6 +160,7 @@ class PageTables:
     def __enter__(self) -> "PageTables":
         if not self.lock.try_acquire():
             self._acquire_slow()
+        self.held = True
         self.q[self.lock_pid] = os.getpid()
         self._close_seq()            # the last holder may have died in a change (docstring)
         return self
@@ -186,6 +190,7 @@ class PageTables:
     def __exit__(self, *exc: object) -> None:
         self._close_seq()            # an exception inside a change
         self.q[self.lock_pid] = 0
+        self.held = False
         self.lock.release()
 
     def _close_seq(self) -> None:
@@ -237,7 +242,10 @@ class PageTables:
             self._seq_start = time.monotonic()
         else:
             waited = time.monotonic() - self._seq_start
-            if waited > SEQ_RECOVER_S and self.q[self.seq] & 1 and self.lock.try_acquire():
+            # an OFD lock never refuses its own holder: a walk inside this instance's own
+            # change (at a safe point) must not take it as a dead writer's
+            if (waited > SEQ_RECOVER_S and not self.held and self.q[self.seq] & 1
+                    and self.lock.try_acquire()):
                 try:                 # odd, and nobody holds the lock: its writer died
                     self._close_seq()
                 finally:
