@@ -146,8 +146,9 @@ class CoreBuffer:
             self.w[self.i_open] = 0
 
     def flush(self, fenced: int) -> None:
-        """Clear every lane as of now, and evict: read each line of one L1D, as KVM's software
-        L1D flush does (vmx_l1d_flush: loads only, no line is dirtied).
+        """Clear every lane as of now, and evict: read each line of one L1D. Loads only, no
+        line dirtied, as in KVM's software L1D flush (vmx_l1d_flush), which reads a 64 KiB
+        buffer (twice a 32 KiB L1D) where this reads one L1D.
         ``fenced``: the lanes any sibling has fenced off (their open period is covered)."""
         w, lanes, marks, pcover = self.w, self.lanes, self.i_marks, self.i_pcover
         for s in range(self.nlanes):
