@@ -45,11 +45,15 @@ from asirt.sync.coresched import backend_report
 from asirt.topology import Topology
 from shm_layout import Region
 
-__all__ = ["METRICS", "REAL_METRICS", "GUESTS", "SWEEP_KEYS", "run_kvm", "count", "run",
+__all__ = ["metrics", "GUESTS", "SWEEP_KEYS", "run_kvm", "count", "run",
            "parse_sweep", "parse_strategies", "check_options", "resolve_guest"]
 
-METRICS = list(loop.METRICS)
-REAL_METRICS = list(backend.REAL_METRICS)
+
+def metrics(real: bool) -> list[str]:
+    """The histograms of a KVM run: the loop's, and a real guest's on top."""
+    return [*loop.METRICS, *(backend.REAL_METRICS if real else ())]
+
+
 GUESTS = ("auto", "kvm", "emulated")
 #: what --sweep may vary, and how a value changes the run
 SWEEP_KEYS = {
@@ -186,7 +190,7 @@ def _one(topo: Topology, strat: str, profile: profiles.Profile, opts: KvmOptions
     def setup(region: Region) -> None:
         vm_memory.setup(region, opts.vms)
 
-    spec = RunSpec(workers=pl.workers, metrics=METRICS + (REAL_METRICS if real else []),
+    spec = RunSpec(workers=pl.workers, metrics=metrics(real),
                    duration_s=duration_s, cores=pl.cores,
                    emulated=topo.emulated, l1d_bytes=topo.l1d_bytes or 0,
                    extra_sections=[*sync_sections(pl),
@@ -342,14 +346,14 @@ def _entry(strat: str, runs: list[tuple[Plan, Any]], o: KvmOptions,
     lanes = sum(len(c) for c in pl.cores)
     vcpus = lanes * o.vms
     derived, totals = [], None
-    metrics = METRICS + (REAL_METRICS if o.guest == "kvm" else [])
-    hists = {m: np.zeros(histogram.NBUCKETS, np.int64) for m in metrics}
+    names = metrics(o.guest == "kvm")
+    hists = {m: np.zeros(histogram.NBUCKETS, np.int64) for m in names}
     failures, events, elapsed = [], [], 0.0
     for _, out in runs:
         t = out.collected["totals"]
         derived.append(_derive(t, out.elapsed_s, lanes, vcpus, s))
         totals = t if totals is None else {k: totals[k] + v for k, v in t.items()}
-        for i, m in enumerate(metrics):
+        for i, m in enumerate(names):
             hists[m] += out.merged(i, pl.vslots)
         failures += [str(f) for f in out.failures]
         events += out.collected["events"]

@@ -258,7 +258,7 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
     from asirt.kvm import profile as profiles
     from asirt.kvm import strategy as strategies
     from asirt.kvm import vms as vm_memory
-    from asirt.scenarios.kvm import METRICS, REAL_METRICS
+    from asirt.scenarios.kvm import metrics as kvm_metrics
 
     strat = strategies.get(strategy)
     faults, corrupt = _checked_faults(faults, corrupt, seed)
@@ -280,7 +280,7 @@ def run_kvm_stress(topo: Topology, strategy: str, duration_s: float,
 
     pl = plan(core_cpus, "vcpu", params_of, monitor=True)
     idle = [s for core in pl.cores for s in core[1:]] if strat.one_lane else []
-    metrics = METRICS + (REAL_METRICS if real else [])
+    metrics = kvm_metrics(real)
     claims = strat.claims_safety(gadgets)
     # a lane that must find a sibling's fault: one that stuns or passes a barrier; under core
     # scheduling alone a sibling waits only behind a task the victim holds (it may hold none)
