@@ -133,14 +133,15 @@ class LockTimeout(AsirtError):
 class PageTables:
     """The table pool of one attached region. ``service`` runs while waiting for the lock."""
 
-    def __init__(self, region: Region, service: Callable[[], None] | None = None) -> None:
+    def __init__(self, region: Region, service: Callable[[], None] | None = None,
+                 params: CpuParams = CpuParams()) -> None:
         self.q = u64_view(region)
         self.lock = ByteLock(region, PTLOCK_BYTE)
         self.service = service
-        #: the stop-the-holder policy while waiting for the lock: a CPU's comes from its
-        #: CpuParams (asirt.mm.spaces); the parent's is the defaults'
-        self.stonith = CpuParams.stonith
-        self.holder_check_s = CpuParams.ack_timeout_ms / 1e3
+        #: the stop-the-holder policy while waiting for the lock: the CPU's own (``params``;
+        #: the parent has no CPU and takes the defaults)
+        self.stonith = params.stonith
+        self.holder_check_s = params.ack_timeout_ms / 1e3
         sec = region.section("asi_tables")
         self.tbase, self.ntables = sec.offset // 8, sec.count
         self.nframes = region.section("asi_frames").count

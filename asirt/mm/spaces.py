@@ -148,7 +148,7 @@ class AddressSpaces:
                  classes: dict[int, AsiClass] | None = None) -> None:
         self.region, self.cpu = region, cpu
         self.classes = dict(default_classes() if classes is None else classes)
-        self.pt = PageTables(region)
+        self.pt = PageTables(region) if cpu is None else PageTables(region, params=cpu.params)
         self.q = self.pt.q
         self.frames = Frames(region)
         self.insts = region.array("asi_inst")
@@ -160,8 +160,6 @@ class AddressSpaces:
         if cpu is not None:
             self.tlb = Tlb(cpu, self.pt, self.full_root)
             self.pt.service = self.tlb.service
-            self.pt.stonith = cpu.params.stonith
-            self.pt.holder_check_s = cpu.params.ack_timeout_ms / 1e3
         self.shootdowns = Shootdowns(region, cpu, self.tlb, self.pt)
 
     def close(self) -> None:
