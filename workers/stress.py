@@ -15,6 +15,7 @@ transitions (or until stopped), then leaves the core cleanly.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from asirt.cpu import GUEST, IDLE, Cpu
 from asirt.cpu.checks import sample_leaks
@@ -50,16 +51,11 @@ def _walk(ctx: WorkerContext, stun: Stun, barrier) -> None:
     guest = guest_busy if p.cpu.transport == "signal" else guest_poll
     rand, randrange = rng.random, rng.randrange
     state = cpu.state
-    nsensitive = 0
     samples_i = ctx.slot_word(ctx.slot, "samples")
     guests = 0
     next_progress = PROGRESS_EVERY
 
-    def host_work() -> None:
-        nonlocal nsensitive
-        nsensitive += 1
-        if nsensitive == p.fault_delay_at and p.fault_delay_s:
-            delay_fault(cpu, p.fault_delay_s)
+    host_work = delay_trigger(cpu, p.fault_delay_at, p.fault_delay_s)
 
     audit = cpu.guard.audit
     while not w[STOP_WORD] and state.ntrans < target:
@@ -115,6 +111,19 @@ def _walk(ctx: WorkerContext, stun: Stun, barrier) -> None:
     cpu.dl = None
     stun.finish()
     w[samples_i] = state.ntrans
+
+
+def delay_trigger(cpu: Cpu, at: int, seconds: float) -> Callable[[], None]:
+    """What runs inside HOST at every known sensitive access: the ``at``-th one is the delay
+    fault (:func:`delay_fault`; none when ``seconds`` is 0)."""
+    n = 0
+
+    def in_host() -> None:
+        nonlocal n
+        n += 1
+        if n == at and seconds:
+            delay_fault(cpu, seconds)
+    return in_host
 
 
 def delay_fault(cpu: Cpu, seconds: float) -> None:

@@ -7,7 +7,7 @@ backend, and the histograms the run measures (``exit_handling``, ``stun_roundtri
 
 Under ``asirt stress --strategy`` the same loop runs with injected delays at every protocol
 step, TLB shootdowns among the exits, the audit of its own words every cycle, and the delay
-fault inside HOST (workers/stress.py's :func:`delay_fault`).
+fault inside HOST (workers/stress.py's :func:`delay_trigger`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from asirt.sync.corelock import CoreLock
 from asirt.sync.coresched import CoreSched
 from asirt.sync.stun import Stun
 from workers.context import WorkerContext, make_delay
-from workers.stress import delay_fault
+from workers.stress import delay_trigger
 
 PARAMS = KvmParams
 METRICS = LOOP_METRICS + REAL_METRICS
@@ -74,7 +74,7 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend, Profile]) -> Non
                             SpinBarrier(stun, ctx.recorder("barrier_wait")), cs,
                             {m: ctx.recorder(m) for m in METRICS})
             if p.fault_delay_s:
-                loop.in_host = _delay_fault(cpu, p)
+                loop.in_host = delay_trigger(cpu, p.fault_delay_at, p.fault_delay_s)
             cpu.start()
             started = loop.start()
             try:
@@ -92,13 +92,3 @@ def run(ctx: WorkerContext, prepared: tuple[Stun, GuestBackend, Profile]) -> Non
         backend.close()
         cpu.close()
 
-
-def _delay_fault(cpu, p: KvmParams):
-    """The delay fault's trigger: at the ``fault_delay_at``-th known sensitive access."""
-    n = [0]
-
-    def in_host() -> None:
-        n[0] += 1
-        if n[0] == p.fault_delay_at:
-            delay_fault(cpu, p.fault_delay_s)
-    return in_host
