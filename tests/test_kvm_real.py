@@ -242,3 +242,17 @@ def test_real_vcpus_leave_nothing_after_a_ctrl_c_or_a_kill(how, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_each_request_is_posted_after_the_answer_is_cleared():
+    """KvmGuest clears the guest's answer header before each request: a kick between the
+    guest's echo of the new seq and its clearing of the copy count would otherwise pass the
+    last pass's copies off as this one's (counted twice). Needs no KVM: the order of the
+    two stores is what matters."""
+    from types import SimpleNamespace
+    calls = []
+    prog = SimpleNamespace(clear_answer=lambda: calls.append("clear"),
+                           post=lambda req: calls.append(("post", req.seq)))
+    guest = SimpleNamespace(seq=41, sample_len=64, sample_off=0)
+    assert KvmGuest._post(guest, SimpleNamespace(prog=prog), 1, 1, 0, True) == 42
+    assert calls == ["clear", ("post", 42)]
