@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asirt.results import fmt_ns, render, unsafe_of
+from asirt.results import fmt_ns, render
 
 __all__ = ["format_strategies"]
 
@@ -47,7 +47,7 @@ def _verdict(s: dict[str, Any]) -> str:
         return "FAILED"
     if s.get("problems"):
         return "NOT EARNED"
-    if unsafe_of(s):
+    if s["unsafe"]:
         return "UNSAFE"
     return "ok"
 

@@ -26,7 +26,7 @@ import numpy as np
 from asirt import histogram
 from asirt.errors import BadInput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: every entry has its label and its unsafe verdict
 SUMMARY_FIELDS = ("count", "min", "p50", "p90", "p99", "p999", "max", "mean")
 
 
@@ -77,13 +77,6 @@ class Entry:
     def unsafe(self) -> bool:
         """A variant that claims safety showed a violation or a leak."""
         return bool(self.claims_safety and (self.counters.get("violations") or self.leaks))
-
-
-def unsafe_of(s: dict[str, Any]) -> bool:
-    """A result.json entry's unsafe verdict (:attr:`Entry.unsafe`), also for files written
-    before it was stored."""
-    return bool(s.get("unsafe", s.get("claims_safety") and s.get("counters", {}).get(
-        "violations")))
 
 
 def label_of(scenario: str, strategy: str, transport: str, cpus: list[int],
@@ -276,7 +269,7 @@ def format_table(scenarios: list[dict[str, Any]]) -> str:
             rows.append([*where, "FAILED", f, *[""] * 6])
         for p in s.get("problems", []):
             rows.append([*where, "FAILED", p, *[""] * 6])
-        if unsafe_of(s):
+        if s["unsafe"]:
             rows.append([*where, "FAILED", f"{s['counters'].get('violations', 0)} violations "
                          "under a variant that claims safety", *[""] * 6])
     return render(head, rows)
@@ -296,10 +289,8 @@ def _fault_seen(f: dict[str, Any]) -> str:
 
 
 def _key(s: dict[str, Any]) -> tuple:
-    """An entry's identity across runs: its label (entries written before labels existed get
-    the one they would have had: a sweep point's tag came with the label)."""
-    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]),
-            s.get("label") or label_of(s["scenario"], s["strategy"], s["transport"], s["cpus"]))
+    """An entry's identity across runs: its label (a sweep point's tag is in it)."""
+    return (s["scenario"], s["strategy"], s["transport"], tuple(s["cpus"]), s["label"])
 
 
 def _ratio(b: Any, a: Any) -> str:
@@ -344,9 +335,9 @@ _KVM = {"guest_fraction": _FLOAT, "guest_vs_none?": _NUMBER,
         "violations": {k: int for k in ("check.s1", "check.s2", "check.s3", "monitor.s1",
                                         "monitor.s2")},
         "gadgets": int, "gadget_hits": int, "time": {str: _FLOAT}}
-_SCENARIO = {"scenario": str, "strategy": str, "transport": str, "cpus": [int],
+_SCENARIO = {"label": str, "scenario": str, "strategy": str, "transport": str, "cpus": [int],
              "metrics": {str: _METRIC}, "counters?": {str: int}, "failures?": [str],
-             "problems?": [str], "claims_safety?": (bool, type(None)), "unsafe?": bool,
+             "problems?": [str], "claims_safety?": (bool, type(None)), "unsafe": bool,
              "faults?": [{"fault": str, "cpu": int, "detected?": (bool, type(None)),
                           "injected?": bool, "detect_after_ms?": _NUMBER, "word?": str}],
              "floor?": {"ratio_p50?": _NUMBER}, "baseline?": {"ratio_p50?": _NUMBER},

@@ -26,7 +26,7 @@ from asirt import histogram, results, scenarios
 from asirt.cfloor import compiler
 from asirt.cli import main
 from asirt.errors import ShmUnavailable
-from asirt.results import Entry
+from asirt.results import SCHEMA_VERSION, Entry
 from shm_layout.region import list_leftovers
 
 pytestmark = pytest.mark.timeout(180)
@@ -359,8 +359,8 @@ def _spoil(run_dir: str, content: object) -> None:
 @pytest.mark.parametrize("content,needle", [
     (None, "schema_version null"),
     ([], "schema_version []"),
-    ({"schema_version": 1}, "has no 'run_id'"),
-    ({"schema_version": 1, "run_id": "r", "started_at": "t", "host": None,
+    ({"schema_version": SCHEMA_VERSION}, "has no 'run_id'"),
+    ({"schema_version": SCHEMA_VERSION, "run_id": "r", "started_at": "t", "host": None,
       "topology": {}, "scenarios": []}, "result.host is NoneType"),
     ("scenarios-count", 'result.scenarios[0].metrics.roundtrip.count is "many"'),
     ("scenarios-cpus", "result.scenarios[0].cpus[0] is true"),
@@ -392,18 +392,20 @@ def test_result_json_given_for_its_directory_is_refused_naming_the_directory(
     assert rc == 2 and f"pass the directory that holds it: {run_dir}" in err, err
 
 
-def test_compare_matches_entries_written_before_labels_existed(tmp_path, capsys):
-    """compare keyed entries on their label, which older result.json files lack: nothing
-    matched. An unlabelled entry gets the label it would have had."""
+def test_a_result_json_of_the_previous_schema_is_refused_not_migrated(tmp_path, capsys):
+    """Schema 1 stored neither an entry's label nor its unsafe verdict: compare and report
+    refuse such a file (exit 2, re-run it) instead of guessing them (STYLE: no
+    compatibility layers)."""
     a = write_fake_run(tmp_path / "a", [fake_entry(0)])
     b = write_fake_run(tmp_path / "b", [fake_entry(0, p50_ns=400)])
     path = Path(a) / "result.json"
     old = json.loads(path.read_text())
-    del old["scenarios"][0]["label"]
+    old["schema_version"] = 1
+    del old["scenarios"][0]["label"], old["scenarios"][0]["unsafe"]
     path.write_text(json.dumps(old))
-    assert main(["compare", a, b]) == 0
-    out = capsys.readouterr().out
-    assert "no entry appears in both runs" not in out and "roundtrip" in out
+    assert main(["compare", a, b]) == 2
+    err = capsys.readouterr().err
+    assert "schema_version 1 is not 2" in err and "re-run" in err, err
 
 
 def test_compare_with_a_p50_of_zero(tmp_path, capsys):
@@ -432,8 +434,8 @@ def test_a_reader_that_stops_reading_is_not_an_error(tmp_path, command):
 
 # -- E: verdicts and inputs -----------------------------------------------------------------
 def test_a_fault_never_injected_is_not_called_undetected():
-    scenario = {"scenario": "stress", "strategy": "strict", "transport": "spin", "cpus": [0, 1],
-                "metrics": {}, "faults": [
+    scenario = {"label": "stress-strict-spin-cpu0_1", "scenario": "stress", "strategy": "strict",
+                "transport": "spin", "cpus": [0, 1], "unsafe": False, "metrics": {}, "faults": [
                     {"fault": "kill", "cpu": 1, "injected": False, "detected": False},
                     {"fault": "stop", "cpu": 1, "injected": True, "detected": False},
                     {"fault": "delay", "cpu": 1, "injected": True, "detected": True,
